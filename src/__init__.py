@@ -1,0 +1,1 @@
+"""autocls: image-classification AutoML on PyTorch Lightning + Hydra."""

@@ -1,0 +1,96 @@
+"""Augmentation operations that run two ways from one config.
+
+`op(x)` transforms a float batch `(B, C, H, W)` in [0, 1] on the training device, each sample with its
+own random parameters (in-memory data). `op.sample_transform(image_size)` returns the equivalent
+per-sample torchvision v2 transform for data streamed from disk, which runs in DataLoader workers on
+PIL images. A crop op also fixes the output size, so it comes first.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torchvision.transforms import v2
+
+
+class PadCrop(nn.Module):
+    """Zero-pad by `padding` pixels and take a random crop of the original size (He et al. 2016, CIFAR)."""
+
+    is_crop = True
+
+    def __init__(self, padding: int = 4, fill: float = 0.0) -> None:
+        super().__init__()
+        self.padding, self.fill = padding, fill
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        p = self.padding
+        padded = nn.functional.pad(x, (p, p, p, p), value=self.fill)
+        dy = torch.randint(0, 2 * p + 1, (b, 1, 1), device=x.device)
+        dx = torch.randint(0, 2 * p + 1, (b, 1, 1), device=x.device)
+        rows = dy + torch.arange(h, device=x.device).view(1, h, 1)  # (B, H, 1)
+        cols = dx + torch.arange(w, device=x.device).view(1, 1, w)  # (B, 1, W)
+        batch = torch.arange(b, device=x.device).view(b, 1, 1)
+        # advanced indexing gathers a different window per sample in one kernel: (B, H, W, C)
+        return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+
+    def sample_transform(self, image_size: int) -> v2.Transform:
+        return v2.Compose(
+            [v2.Resize(image_size), v2.CenterCrop(image_size), v2.RandomCrop(image_size, padding=self.padding, fill=round(self.fill * 255))]
+        )
+
+
+class RandomResizedCrop(nn.Module):
+    """Inception-style crop: a random area fraction in `scale` and aspect ratio in `ratio` (log-uniform),
+    resized to `size` (Szegedy et al. 2015; PaddleClas RandCropImage)."""
+
+    is_crop = True
+
+    def __init__(
+        self, size: int, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    ) -> None:
+        super().__init__()
+        self.size, self.scale, self.ratio = int(size), tuple(scale), tuple(ratio)
+
+    def _boxes(self, b: int, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """Sample one crop box (x1, y1, x2, y2) per image, clamped to the image."""
+        area = torch.empty(b, device=device).uniform_(*self.scale) * h * w
+        log_r = torch.empty(b, device=device).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
+        aspect = torch.exp(log_r)
+        cw = torch.sqrt(area * aspect).clamp(1, w)
+        ch = torch.sqrt(area / aspect).clamp(1, h)
+        x1 = torch.rand(b, device=device) * (w - cw)
+        y1 = torch.rand(b, device=device) * (h - ch)
+        return torch.stack([x1, y1, x1 + cw, y1 + ch], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        x1, y1, x2, y2 = self._boxes(b, h, w, x.device).unbind(1)
+        # an affine sampling grid per image maps the output square onto its crop box (bilinear)
+        lin = torch.linspace(0, 1, self.size, device=x.device, dtype=x.dtype)
+        gx = (x1[:, None] + (x2 - x1)[:, None] * lin) / w * 2 - 1  # (B, S) in [-1, 1]
+        gy = (y1[:, None] + (y2 - y1)[:, None] * lin) / h * 2 - 1
+        grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
+        return nn.functional.grid_sample(x, grid.to(x.dtype), mode="bilinear", align_corners=True)
+
+    def sample_transform(self, image_size: int) -> v2.Transform:
+        return v2.RandomResizedCrop(self.size, scale=self.scale, ratio=self.ratio, antialias=True)
+
+
+class HorizontalFlip(nn.Module):
+    """Mirror each image left-right with probability `p`."""
+
+    is_crop = False
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < self.p
+        return torch.where(flip, x.flip(-1), x)
+
+    def sample_transform(self, image_size: int) -> v2.Transform:
+        return v2.RandomHorizontalFlip(self.p)

@@ -1,0 +1,255 @@
+"""What every classification data module shares.
+
+A subclass only says where its images come from (`_load_splits`) and how many classes there are
+(`_detect_num_classes`). This base turns the splits into loaders:
+
+* `TensorSplit` (uint8 images in memory) -> moved to the training device once, batches are index
+  slices (`DeviceBatches`), augmentation runs on the device in `on_after_batch_transfer`;
+* `FileSplit` (paths) -> a DataLoader with workers decodes and augments per sample on CPU.
+
+Either way a batch reaches the model as normalised float images, and `num_classes`, `class_names`,
+`image_size`, `in_chans`, `mean` and `std` describe the data to configs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
+
+from src.augment.pipeline import Augmentation
+from src.datamodules.device_loader import DeviceBatches
+from src.utils.errors import AutoclsError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class TensorSplit:
+    """A split held in memory: uint8 images (N, C, H, W) and int64 labels (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class FileSplit:
+    """A split streamed from disk: (path, label) pairs decoded by DataLoader workers."""
+
+    samples: list[tuple[str, int]]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+class ClassificationDataModule(pl.LightningDataModule):
+    """Base class; see the module docstring. Subclasses implement `_load_splits` and
+    `_detect_num_classes`, and may set `self.class_names` in `_load_splits`."""
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_classes: int | None = None,
+        in_chans: int = 3,
+        image_size: int = 32,
+        crop_pct: float = 1.0,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+        augmentation: Augmentation | None = None,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if len(mean) != in_chans or len(std) != in_chans:
+            raise AutoclsError(
+                f"data.mean and data.std need {in_chans} values (one per channel, data.in_chans={in_chans}), "
+                f"got {len(mean)} and {len(std)}; fix the data config."
+            )
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.expected_num_classes = num_classes
+        self.in_chans, self.image_size, self.crop_pct = in_chans, image_size, crop_pct
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.augmentation = augmentation or Augmentation()
+        self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
+        self.class_names: list[str] | None = None
+        self.splits: dict[str, TensorSplit | FileSplit] = {}
+        self.skipped_files: list = []  # SkippedFile records, written to the run dir by the train task
+        self._num_classes: int | None = None
+
+    # --- what subclasses provide -------------------------------------------------------------
+    def _detect_num_classes(self) -> int:
+        """Number of classes, found cheaply (no decoding, no download)."""
+        raise NotImplementedError
+
+    def _load_splits(self) -> dict[str, TensorSplit | FileSplit]:
+        """Load train/val/test; may set `self.class_names` and extend `self.skipped_files`."""
+        raise NotImplementedError
+
+    # --- description -------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        if self._num_classes is None:
+            found = self._detect_num_classes()
+            if self.expected_num_classes is not None and self.expected_num_classes != found:
+                raise AutoclsError(
+                    f"data.num_classes={self.expected_num_classes} but the data has {found} classes; "
+                    f"remove the override or set data.num_classes={found}."
+                )
+            self._num_classes = found
+        return self._num_classes
+
+    def describe(self) -> dict:
+        """What a checkpoint needs to preprocess images and name predictions."""
+        return {
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names or [str(i) for i in range(self.num_classes)]),
+            "in_chans": self.in_chans,
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    # --- Lightning hooks ---------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:  # idempotent: the task functions and Lightning may both call it
+            return
+        splits = self._load_splits()
+        missing = [s for s in SPLITS if s not in splits]
+        if missing:
+            raise RuntimeError(f"{type(self).__name__}._load_splits returned no {missing} split")
+        for name, split in splits.items():
+            if len(split) == 0:
+                raise AutoclsError(f"The {name} split of {type(self).__name__} is empty; check the data path and split settings.")
+        _ = self.num_classes  # validate the expected class count early
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise RuntimeError(f"{len(self.class_names)} class names for {self.num_classes} classes")
+        self.splits = splits
+        sizes = ", ".join(f"{k}={len(v)}" for k, v in splits.items())
+        kind = "in memory" if isinstance(splits["train"], TensorSplit) else "streamed from disk"
+        log.info(f"{type(self).__name__}: {self.num_classes} classes, {sizes} images ({kind})")
+
+    def train_dataloader(self):
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader("test", shuffle=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """uint8 batch on the device -> (augmented) normalised float batch."""
+        images, labels = batch
+        images = images.float().div_(255)
+        trainer = self.trainer
+        if trainer is not None and trainer.training and isinstance(self.splits.get("train"), TensorSplit):
+            images = self.augmentation(images)
+        return self.normalize(images), labels
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        return (images - mean) / std
+
+    # --- loaders -----------------------------------------------------------------------------
+    def _loader(self, name: str, shuffle: bool):
+        if not self.splits:
+            self.setup()
+        split = self.splits[name]
+        batch_size = self.batch_size if name == "train" else self.eval_batch_size
+        if isinstance(split, TensorSplit):
+            return self._device_batches(name, split, batch_size, shuffle)
+        return self._file_loader(name, split, batch_size, shuffle)
+
+    def _device_batches(self, name: str, split: TensorSplit, batch_size: int, shuffle: bool) -> DeviceBatches:
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if split.images.device != device:  # once per fit; later loaders reuse the resident copy
+            split = self.splits[name] = TensorSplit(split.images.to(device), split.labels.to(device))
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return DeviceBatches(
+            split.images,
+            split.labels,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(split) > batch_size,
+            seed=self.seed,
+            progress_fn=self._train_progress if shuffle else (lambda: (0, 0)),
+            rank=rank,
+            world_size=world,
+        )
+
+    def _train_progress(self) -> tuple[int, int]:
+        """(epoch, batches already trained in it): non-zero only when resuming mid-epoch."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        epoch_loop = trainer.fit_loop.epoch_loop
+        done = epoch_loop.batch_progress.current.completed if epoch_loop.restarting else 0
+        return trainer.current_epoch, done
+
+    def _file_loader(self, name: str, split: FileSplit, batch_size: int, shuffle: bool) -> DataLoader:
+        from src.datamodules.image_files import ImageFileDataset, collate_skip_none
+
+        if name == "train":
+            transform = self.augmentation.sample_transform(self.image_size)
+        else:
+            # the standard eval crop: shorter side to image_size / crop_pct, then the centre square
+            resize = round(self.image_size / self.crop_pct)
+            transform = v2.Compose([v2.Resize(resize), v2.CenterCrop(self.image_size), v2.PILToTensor()])
+        trainer = self.trainer
+        return DataLoader(
+            ImageFileDataset(split.samples, transform=transform),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(split) > batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and trainer is not None and trainer.strategy.root_device.type == "cuda",
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_skip_none,
+        )
+
+
+def stratified_split(labels: torch.Tensor, fraction: float | int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (keep, held_out) with `fraction` of the images held out (or exactly that many when
+    `fraction` >= 1), spread over the classes in proportion to their sizes and chosen by `seed`: the
+    same split on every run and machine."""
+    gen = torch.Generator().manual_seed(seed)
+    n = len(labels)
+    total = min(n, int(fraction) if fraction >= 1 else round(n * fraction))
+    classes, counts = torch.unique(labels, return_counts=True)
+    # largest-remainder apportionment: per-class quotas that add up to exactly `total`
+    exact = counts.double() * total / n
+    quota = exact.floor().long()
+    order = torch.argsort(exact - quota, descending=True, stable=True)
+    quota[order[: total - int(quota.sum())]] += 1
+    held = []
+    for c, k in zip(classes.tolist(), quota.tolist()):
+        idx = torch.nonzero(labels == c).flatten()
+        held.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
+    held_out = torch.cat(held).sort().values
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[held_out] = False
+    return torch.nonzero(mask).flatten(), held_out
+
+
+def resolve_dir(path: str | Path, fix: str) -> Path:
+    """`data.data_dir` as an existing directory, or a one-sentence error ending in `fix`."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise AutoclsError(f"data.data_dir={p} does not exist; {fix}")
+    return p

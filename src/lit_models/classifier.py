@@ -1,0 +1,99 @@
+"""A classifier as a LightningModule whose parts (net, loss, optimizer, schedule) are injected."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+
+class ClassifierLitModule(pl.LightningModule):
+    """Trains `net` with `loss`; logs `{train,val,test}/loss`, `/acc`, `/acc_top5` and `val/acc_best`.
+
+    `optimizer` and `scheduler` are partials (Hydra `_partial_: true`): the optimizer gets the
+    parameters, the scheduler the optimizer and the run's step counts, and it is stepped per step.
+    Targets may be class indices or probabilities (batch mixing); accuracy uses their argmax.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: nn.Module,
+        optimizer: partial,
+        scheduler: partial | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        # the injected modules are saved as weights, not as hyperparameters
+        self.save_hyperparameters(ignore=["net", "loss"], logger=False)
+        self.net, self.loss_fn = net, loss
+        num_classes = net.num_classes
+        top5 = min(5, num_classes)
+        # one set per stage, so their epoch aggregates never mix
+        for stage in ("train", "val", "test"):
+            metrics = {
+                "loss": MeanMetric(),
+                "acc": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+                "acc_top5": MulticlassAccuracy(num_classes, top_k=top5, average="micro"),
+            }
+            setattr(self, f"{stage}_metrics", nn.ModuleDict(metrics))
+        self.val_acc_best = MaxMetric()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.compile and stage == "fit":
+            self.net = torch.compile(self.net)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        images, target = batch
+        logits = self(images)
+        loss = self.loss_fn(logits, target)
+        labels = target.argmax(dim=1) if target.is_floating_point() else target
+        metrics = getattr(self, f"{stage}_metrics")
+        for name in ("acc", "acc_top5"):
+            metrics[name].update(logits.detach(), labels)
+            self.log(f"{stage}/{name}", metrics[name], on_step=False, on_epoch=True, prog_bar=name == "acc")
+        if stage == "train":
+            # the per-step training loss is what a user watches; its epoch mean is train/loss_epoch
+            self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+            metrics["loss"].update(loss.detach(), weight=len(images))
+            self.log("train/loss_epoch", metrics["loss"], on_step=False, on_epoch=True)
+        else:
+            metrics["loss"].update(loss.detach(), weight=len(images))
+            self.log(f"{stage}/loss", metrics["loss"], on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = self._step(batch, "train")
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self.val_acc_best.update(self.val_metrics["acc"].compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.hparams.optimizer(params=self.parameters())
+        if self.hparams.scheduler is None:
+            return {"optimizer": optimizer}
+        total_steps = self.trainer.estimated_stepping_batches
+        epochs = max(1, self.trainer.max_epochs or 1)
+        scheduler = self.hparams.scheduler(
+            optimizer=optimizer, total_steps=total_steps, steps_per_epoch=max(1, total_steps // epochs)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

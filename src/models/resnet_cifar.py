@@ -1,0 +1,188 @@
+"""ResNets for small (32x32) images.
+
+Two families, both built by `CifarResNet`:
+
+* He et al. 2016, "Deep Residual Learning for Image Recognition", section 4.2: ResNet-20/32/44/56/110
+  (depth 6n+2). A 3x3 stem with 16 channels, three stages of n basic blocks with 16/32/64 channels,
+  and parameter-free "option A" shortcuts. These are the paper's CIFAR-10 models (0.27M params
+  for ResNet-20, 0.85M for ResNet-56).
+* ResNet-18 as commonly trained on CIFAR (the kuangliu/pytorch-cifar variant): the ImageNet
+  ResNet-18 stages (64/128/256/512 channels, two blocks each) behind a 3x3 stride-1 stem without
+  max-pool, so 32x32 inputs are not downsampled 4x before the first block; 1x1 conv + BN
+  projection shortcuts ("option B"). About 11.17M params for 10 classes.
+
+Configs use `resnet_cifar(depth=...)`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from src.utils.errors import AutoclsError
+
+Shortcut = Literal["A", "B"]
+
+HE_DEPTHS = (20, 32, 44, 56, 110)
+SUPPORTED_DEPTHS = (18, *HE_DEPTHS)
+
+
+def _conv3x3(in_chans: int, out_chans: int, stride: int = 1) -> nn.Conv2d:
+    # bias=False: every conv is followed by BatchNorm, whose shift makes a conv bias redundant.
+    return nn.Conv2d(in_chans, out_chans, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class PadShortcut(nn.Module):
+    """Option-A shortcut: subsample spatially and append zero channels.
+
+    He et al. use it on CIFAR so that the residual nets have exactly the parameters of their plain
+    counterparts (the point of their comparison); it also keeps ResNet-20 at 0.27M parameters,
+    where 1x1 projections would add noticeably to a network this small.
+    """
+
+    def __init__(self, stride: int, extra_chans: int):
+        super().__init__()
+        self.stride = stride
+        self.extra_chans = extra_chans
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Taking every stride-th pixel yields ceil(H / stride) rows, the same size as the
+        # residual branch's stride-s, padding-1 conv, for odd sizes as well.
+        x = x[:, :, :: self.stride, :: self.stride]
+        # F.pad pads from the last dimension backwards: (W, W, H, H, C_before, C_after).
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra_chans))
+
+
+def _projection_shortcut(in_chans: int, out_chans: int, stride: int) -> nn.Sequential:
+    """Option-B shortcut: a strided 1x1 conv + BN, as in ImageNet ResNets and kuangliu's ResNet-18."""
+    return nn.Sequential(
+        nn.Conv2d(in_chans, out_chans, kernel_size=1, stride=stride, bias=False),
+        nn.BatchNorm2d(out_chans),
+    )
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with a shortcut; ReLU after the addition (the original, post-activation
+    form used in both papers)."""
+
+    def __init__(self, in_chans: int, out_chans: int, stride: int = 1, shortcut: Shortcut = "A"):
+        super().__init__()
+        self.conv1 = _conv3x3(in_chans, out_chans, stride)
+        self.bn1 = nn.BatchNorm2d(out_chans)
+        self.conv2 = _conv3x3(out_chans, out_chans)
+        self.bn2 = nn.BatchNorm2d(out_chans)
+        if stride == 1 and in_chans == out_chans:
+            self.shortcut: nn.Module = nn.Identity()
+        elif shortcut == "A":
+            self.shortcut = PadShortcut(stride, out_chans - in_chans)
+        else:
+            self.shortcut = _projection_shortcut(in_chans, out_chans, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x), inplace=True)
+
+
+class CifarResNet(nn.Module):
+    """A ResNet of basic blocks without the ImageNet stem's 7x7 conv and max-pool.
+
+    Args:
+        blocks_per_stage: Number of blocks in each stage.
+        widths: Channels of each stage; the stem uses the first.
+        shortcut: "A" (zero-padding, parameter-free) or "B" (1x1 projection) where shapes change.
+        num_classes: Number of output classes; 0 makes the head an identity (features only).
+        in_chans: Number of input channels.
+        drop_rate: Dropout probability before the classifier (0 in both papers).
+    """
+
+    def __init__(
+        self,
+        blocks_per_stage: Sequence[int],
+        widths: Sequence[int],
+        shortcut: Shortcut = "A",
+        num_classes: int = 10,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+    ):
+        super().__init__()
+        if len(blocks_per_stage) != len(widths):
+            raise ValueError("blocks_per_stage and widths need one entry per stage")
+        self.num_classes = num_classes
+        self.num_features = widths[-1]
+
+        self.stem = nn.Sequential(
+            _conv3x3(in_chans, widths[0]), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
+        )
+        stages = []
+        in_width = widths[0]
+        for index, (num_blocks, width) in enumerate(zip(blocks_per_stage, widths)):
+            # Every stage but the first halves the resolution in its first block.
+            stride = 1 if index == 0 else 2
+            blocks = []
+            for block_index in range(num_blocks):
+                blocks.append(BasicBlock(in_width, width, stride if block_index == 0 else 1, shortcut))
+                in_width = width
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.fc = self._make_classifier(num_classes)
+        self._init_weights()
+
+    def _make_classifier(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                # He init (the paper's choice): keeps activation variance stable through ReLUs.
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier with a fresh one for `num_classes` (0: identity, as in timm)."""
+        self.num_classes = num_classes
+        self.fc = self._make_classifier(num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature map before pooling, shape (B, num_features, H/4, W/4) for three stages."""
+        return self.stages(self.stem(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool, flatten and dropout; then classify unless `pre_logits` (returns (B, num_features))."""
+        x = self.head_drop(self.global_pool(x).flatten(1))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def resnet_cifar(depth: int = 20, num_classes: int = 10, in_chans: int = 3, **kwargs) -> CifarResNet:
+    """Build a CIFAR ResNet by depth: 20/32/44/56/110 (He et al. 2016) or 18 (kuangliu's ResNet-18).
+
+    Extra keyword arguments (e.g. `drop_rate`) go to `CifarResNet`.
+    """
+    if depth == 18:
+        return CifarResNet(
+            [2, 2, 2, 2], [64, 128, 256, 512], shortcut="B",
+            num_classes=num_classes, in_chans=in_chans, **kwargs,
+        )
+    if depth in HE_DEPTHS:
+        # depth = 6n + 2: the stem conv, 3 stages x n blocks x 2 convs, and the classifier.
+        n = (depth - 2) // 6
+        return CifarResNet(
+            [n, n, n], [16, 32, 64], shortcut="A",
+            num_classes=num_classes, in_chans=in_chans, **kwargs,
+        )
+    supported = ", ".join(str(d) for d in SUPPORTED_DEPTHS)
+    raise AutoclsError(f"Unsupported CIFAR ResNet depth {depth}; choose one of {supported}.")

@@ -1,0 +1,123 @@
+"""Mistakes a user can make end in one sentence that names the fix, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from src.eval import evaluate
+from src.train import train
+from src.utils.errors import AutoclsError, find_user_error
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_cli(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), f"paths.log_dir={cwd / 'logs'}", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def _assert_one_sentence(err: BaseException, *fragments: str) -> None:
+    user_error = find_user_error(err)
+    assert user_error is not None, f"not a user error: {err!r}"
+    message = str(user_error)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["data=image_folder", "data.data_dir=/no/such/folder"], "does not exist; set data.data_dir"),
+        (["model/net=timm", "model.net.model_name=resnet181"], "close names: resnet18"),
+        (["ckpt_path=/no/such.ckpt"], "does not exist; pass an existing file"),
+    ],
+)
+def test_cli_prints_one_line_error_without_traceback(tmp_path, args, fragment):
+    result = _run_cli("train.py", *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and fragment in errors[0], result.stderr[-2000:]
+
+
+def test_cli_unknown_config_option_names_the_choices(tmp_path):
+    """A wrong override is caught by Hydra itself, which lists the available options."""
+    result = _run_cli("train.py", "optimizer=sgdd", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "Could not find 'optimizer/sgdd'" in result.stderr and "adamw" in result.stderr
+
+
+def _write_folder(root: Path, classes: dict[str, int], size=(12, 10)) -> Path:
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            Image.new("RGB", size, (20 * i % 255, 40, 60)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_class_folder_without_images(compose_train, tmp_path):
+    data = _write_folder(tmp_path / "imgs", {"cat": 4, "dog": 4})
+    (data / "bird").mkdir()
+    (data / "bird" / "notes.txt").write_text("no images here")
+    with pytest.raises(Exception) as err:
+        train(compose_train(["data=image_folder", f"data.data_dir={data}"]))
+    _assert_one_sentence(err.value, "bird")
+
+
+def test_corrupt_and_odd_images_are_skipped_listed_or_converted(compose_train, tmp_path):
+    """Corrupt and non-image files are skipped and listed in the run dir; grayscale, RGBA and palette
+    images train like RGB ones."""
+    data = _write_folder(tmp_path / "imgs", {"cat": 6, "dog": 6})
+    Image.new("L", (9, 9), 100).save(data / "cat" / "gray.png")
+    Image.new("RGBA", (9, 9), (10, 20, 30, 0)).save(data / "dog" / "rgba.png")
+    Image.new("P", (9, 9), 3).save(data / "dog" / "palette.png")
+    (data / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (data / "dog" / "readme.md").write_text("hello")
+    overrides = ["data=image_folder", f"data.data_dir={data}", "data.image_size=16", "data.batch_size=4",
+                 "data.val_fraction=0.2", "data.test_fraction=0.2", "trainer.max_epochs=1"]
+    metrics = train(compose_train(overrides))
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    listed = (tmp_path / "skipped_files.tsv").read_text()
+    assert "broken.jpg" in listed and "readme.md" in listed
+    assert "gray.png" not in listed and "rgba.png" not in listed and "palette.png" not in listed
+
+
+def test_checkpoint_for_another_class_count(compose_train, compose_eval, tmp_path):
+    fit = train(compose_train(["trainer.max_epochs=1", "test=false"], out=tmp_path / "fit"))
+    ckpt = tmp_path / "fit" / "checkpoints" / "last.ckpt"
+    data = _write_folder(tmp_path / "imgs", {"a": 5, "b": 5, "c": 5})
+    other_data = ["data=image_folder", f"data.data_dir={data}", "data.image_size=8", "data.in_chans=1",
+                  "data.mean=[0.5]", "data.std=[0.5]"]
+    with pytest.raises(Exception) as err:
+        evaluate(compose_eval([f"ckpt_path={ckpt}", *other_data], out=tmp_path / "eval"))
+    _assert_one_sentence(err.value, "trained for 10 classes but the data has 3")
+    with pytest.raises(Exception) as err:
+        train(compose_train([f"ckpt_path={ckpt}", *other_data], out=tmp_path / "resume"))
+    _assert_one_sentence(err.value, "trained for 10 classes but the data has 3")
+    assert fit["val/acc"] > 0
+
+
+def test_not_a_checkpoint(compose_eval, tmp_path):
+    bogus = tmp_path / "model.ckpt"
+    bogus.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(AutoclsError, match="Could not read checkpoint"):
+        evaluate(compose_eval([f"ckpt_path={bogus}"]))
+
+
+def test_expected_class_count_is_checked(compose_train, tmp_path):
+    data = _write_folder(tmp_path / "imgs", {"a": 3, "b": 3})
+    with pytest.raises(Exception) as err:
+        train(compose_train(["data=image_folder", f"data.data_dir={data}", "data.num_classes=5"]))
+    _assert_one_sentence(err.value, "data.num_classes=5 but the data has 2 classes")
