@@ -1,0 +1,71 @@
+"""Config groups compose into runnable setups (loggers, trainers, debug modes, precision)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from src.train import train
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("trainer", ["default", "cpu", "gpu", "ddp"])
+def test_trainer_configs_compose(compose_train, trainer):
+    cfg = compose_train([f"trainer={trainer}"])
+    assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
+    if trainer in ("gpu", "ddp"):
+        assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+    else:
+        instantiate(cfg.trainer)  # a CPU trainer can be built here
+
+
+@pytest.mark.parametrize("debug", sorted(p.stem for p in (CONFIGS / "debug").glob("*.yaml")))
+def test_debug_modes_run(compose_train, debug):
+    cfg = compose_train([f"debug={debug}", "trainer.max_epochs=2"])
+    with open_dict(cfg):
+        cfg.trainer.check_val_every_n_epoch = 1
+    metrics = train(cfg)
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+
+
+def test_wandb_and_tensorboard_loggers_write_offline(compose_train, tmp_path, monkeypatch):
+    """logger=wandb runs offline without an account (no network), beside csv and TensorBoard files."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login either
+    for logger in ("wandb", "tensorboard"):
+        out = tmp_path / logger
+        train(compose_train([f"logger={logger}", "trainer.max_epochs=1", "test=false"], out=out))
+        assert (out / "csv" / "metrics.csv").is_file()
+    assert list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    assert list((tmp_path / "tensorboard" / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_bf16_mixed_precision_and_gradient_clipping_train(compose_train):
+    metrics = train(compose_train(["trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1.0",
+                                   "trainer.max_epochs=3"]))
+    assert metrics["val/acc_best"] >= 0.9
+
+
+class _CtrlC(pl.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 1 and batch_idx == 2:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_saves_last_checkpoint(compose_train, tmp_path):
+    cfg = compose_train(["trainer.max_epochs=3"])
+    with open_dict(cfg):
+        cfg.callbacks["ctrl_c"] = {"_target_": f"{__name__}._CtrlC"}
+    with pytest.raises(SystemExit):
+        train(cfg)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 19 + 3 and ckpt["autocls"]["data"]["num_classes"] == 10
