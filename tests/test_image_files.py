@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-# tests/ is not a package: make the shared helper (tests/cifar_jpg.py) importable, and the repo
-# root too so that `src` imports even when the project is not pip-installed.
-_TESTS_DIR = Path(__file__).resolve().parent
-for _path in (str(_TESTS_DIR), str(_TESTS_DIR.parent)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
 
 from cifar_jpg import CIFAR10_CLASSES, cifar_jpg_archive, extract_cifar_jpg_subset  # noqa: E402
 from src.datamodules.image_files import (  # noqa: E402
