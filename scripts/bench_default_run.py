@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -20,22 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from src.utils.machine import describe_machine
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, Python {platform.python_version()}, torch {torch.__version__}"
 
 
 def main() -> None:
@@ -60,7 +46,7 @@ def main() -> None:
               f"test/acc {rows[-1][3]:.4f}", flush=True)
 
     walls = [r[0] for r in rows]
-    print(f"\nmachine: {machine()}")
+    print(f"\nmachine: {describe_machine()}")
     print(f"command: python train.py {' '.join(args.overrides)}".rstrip())
     print("| wall time (s), median [min, max] | val/acc | val/acc_best | test/acc |")
     print("|---|---|---|---|")

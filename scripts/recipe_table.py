@@ -1,0 +1,175 @@
+"""What each training trick buys: one base recipe and one variant per trick, equal epochs, several
+seeds, written as a markdown table.
+
+    python scripts/recipe_table.py --data-dir data/cifar10_jpg [--seeds 0 1] [--epochs 15]
+        [--out docs/recipe_table.md] [--only base,ema] [-- extra overrides for every run]
+
+`--data-dir` is an ImageFolder root with train/ and test/ (e.g. the shared CIFAR-10 JPEG copy
+unpacked with scripts/unpack_archive.py; `--per-class N` there makes a CPU-sized subset). The
+class-weight and sampling variants train on a long-tailed copy of train/ (imbalance ratio
+`--imbalance`, as list files) and are compared with their own imbalanced base. Each run is a fresh
+`python train.py` process; its metrics.json gives test/acc (of the best-by-val checkpoint).
+Variants whose config is not in configs/ are skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from src.utils.machine import describe_machine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> overrides on top of the base recipe (balanced data)
+VARIANTS = {
+    "base": [],
+    "label smoothing 0.1": ["loss.label_smoothing=0.1"],
+    "schedule: piecewise": ["scheduler=piecewise"],
+    "schedule: poly": ["scheduler=poly"],
+    "schedule: exponential": ["scheduler=exponential"],
+    "schedule: one_cycle": ["scheduler=one_cycle"],
+    "schedule: linear_to_zero": ["scheduler=linear_to_zero"],
+    "SWA (cyclic lr)": ["callbacks=swa"],
+    "EMA": ["callbacks=ema"],
+    "focal loss": ["loss=focal"],
+    "Mixup": ["augmentation=mixup"],
+    "CutMix": ["augmentation=cutmix"],
+}
+# name -> overrides on top of the base recipe trained on the long-tailed subset
+IMBALANCED_VARIANTS = {
+    "imbalanced: base": [],
+    "imbalanced: class weights (balanced)": ["loss.class_weights=balanced"],
+    "imbalanced: oversampling": ["data.sampler=oversample"],
+    "imbalanced: focal loss": ["loss=focal"],
+}
+
+
+def base_overrides(data_dir: Path, epochs: int) -> list[str]:
+    """A ResNet-20 CIFAR recipe on an image folder, sized for short runs."""
+    return [
+        "data=image_folder", f"data.data_dir={data_dir}", "data.image_size=32", "data.crop_pct=1.0",
+        "data.mean=[0.4914,0.4822,0.4465]", "data.std=[0.2470,0.2435,0.2616]", "data.batch_size=128",
+        "data.val_fraction=0.1", "model/net=resnet_cifar", "model.net.depth=20", "augmentation=standard",
+        "optimizer=sgd", "optimizer.lr=0.1", "scheduler=cosine", f"trainer.max_epochs={epochs}", "logger=none",
+        "~callbacks.rich_progress_bar", "~callbacks.model_summary",
+    ]
+
+
+def write_long_tailed_lists(data_dir: Path, out: Path, ratio: float) -> list[str]:
+    """List files for train/ with class c keeping n * ratio^(-c/(C-1)) images (Cui et al. 2019's
+    long-tailed CIFAR), test/ unchanged; returns the data overrides that use them."""
+    classes = sorted(p.name for p in (data_dir / "train").iterdir() if p.is_dir())
+    out.mkdir(parents=True, exist_ok=True)
+    lines = {"train": [], "test": []}
+    for label, name in enumerate(classes):
+        for split in lines:
+            files = sorted((data_dir / split / name).iterdir())
+            if split == "train":
+                files = files[: max(1, round(len(files) * ratio ** (-label / (len(classes) - 1))))]
+            lines[split] += [f"{split}/{name}/{f.name} {label}" for f in files]
+    # validate on 10% of every class of the long-tailed train list, so the test set stays unseen
+    train, val = [], []
+    for label in range(len(classes)):
+        own = [ln for ln in lines["train"] if ln.endswith(f" {label}")]
+        k = max(1, len(own) // 10)
+        val += own[:k]
+        train += own[k:]
+    for name, rows in (("train", train), ("val", val), ("test", lines["test"])):
+        (out / f"{name}.txt").write_text("\n".join(rows) + "\n")
+    (out / "classes.txt").write_text("\n".join(classes) + "\n")
+    return [
+        "data=list_file", f"data.data_dir={data_dir}", f"data.train_list={out / 'train.txt'}",
+        f"data.val_list={out / 'val.txt'}", f"data.test_list={out / 'test.txt'}",
+        f"data.class_names_file={out / 'classes.txt'}",
+    ]
+
+
+def config_exists(overrides: list[str]) -> bool:
+    """Whether every `group=option` override names a config file that exists."""
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if "." not in key and not key.startswith(("~", "+")) and not (ROOT / "configs" / key / f"{value}.yaml").exists():
+            return False
+    return True
+
+
+def run(overrides: list[str], log_dir: Path) -> tuple[float, float]:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(ROOT / "train.py"), f"paths.log_dir={log_dir}", *overrides], check=True,
+                   cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    metrics = json.loads(max(log_dir.glob("train/runs/*/metrics.json"), key=os.path.getmtime).read_text())
+    return metrics["test/acc"], seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--imbalance", type=float, default=10.0, help="largest/smallest class size")
+    parser.add_argument("--only", default="", help="comma-separated variant names to run")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "recipe_table.md")
+    parser.add_argument("extra", nargs="*", help="overrides added to every run (after --)")
+    args = parser.parse_args()
+
+    base = base_overrides(args.data_dir.resolve(), args.epochs) + args.extra
+    work = Path(tempfile.mkdtemp(prefix="recipe_table_"))
+    imbalanced = write_long_tailed_lists(args.data_dir.resolve(), work / "lists", args.imbalance)
+    jobs = [(name, base + o) for name, o in VARIANTS.items()]
+    jobs += [(name, base + imbalanced + o) for name, o in IMBALANCED_VARIANTS.items()]
+    if args.only:
+        wanted = set(args.only.split(","))
+        jobs = [job for job in jobs if job[0] in wanted]
+
+    rows, skipped = [], []
+    for name, overrides in jobs:
+        if not config_exists(overrides):
+            skipped.append(name)
+            print(f"skip {name}: its config is not in configs/", flush=True)
+            continue
+        accs, times = [], []
+        for seed in args.seeds:
+            acc, seconds = run([*overrides, f"seed={seed}"], work / "logs")
+            accs.append(acc)
+            times.append(seconds)
+            print(f"{name} seed {seed}: test/acc {acc:.4f} ({seconds:.0f} s)", flush=True)
+        rows.append((name, overrides[len(base):], accs, times))
+
+    base_mean = {n: statistics.mean(a) for n, _, a, _ in rows}
+    lines = [
+        "# What each training trick buys",
+        "",
+        f"Machine: {describe_machine()}.  ",
+        f"Command: `python scripts/recipe_table.py --data-dir {args.data_dir} --seeds {' '.join(map(str, args.seeds))} "
+        f"--epochs {args.epochs}{' -- ' + ' '.join(args.extra) if args.extra else ''}`.  ",
+        f"Base recipe: `{' '.join(base)}`; {args.epochs} epochs for every row, seeds {args.seeds}; "
+        f"top-1 is test/acc of the best-by-val checkpoint, mean and [min, max] over seeds; "
+        f"imbalanced rows train on a long-tailed train split (ratio {args.imbalance:g}) and compare with "
+        "their own base.",
+        "",
+        "| variant | overrides | top-1 mean [min, max] | vs base | time per run (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, extra, accs, times in rows:
+        ref = base_mean.get("imbalanced: base" if name.startswith("imbalanced") else "base")
+        delta = f"{100 * (statistics.mean(accs) - ref):+.2f}" if ref is not None else "n/a"
+        lines.append(f"| {name} | `{' '.join(extra) or '-'}` | {100 * statistics.mean(accs):.2f} "
+                     f"[{100 * min(accs):.2f}, {100 * max(accs):.2f}] | {delta} | {statistics.mean(times):.0f} |")
+    if skipped:
+        lines += ["", f"Not run (config not available yet): {', '.join(skipped)}."]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
