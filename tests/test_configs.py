@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,25 @@ def test_ctrl_c_saves_last_checkpoint(compose_train, tmp_path):
         train(cfg)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 19 + 3 and ckpt["autocls"]["data"]["num_classes"] == 10
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path):
+    """trainer=ddp with 2 CPU processes (gloo; SyncBatchNorm needs GPUs): both ranks share one run dir."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(root / "train.py"), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+         "trainer.precision=32-true", "trainer.sync_batchnorm=false", "trainer.max_epochs=2",
+         f"paths.log_dir={tmp_path}", "logger=none",
+         "~callbacks.rich_progress_bar"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "disabled"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list(tmp_path.glob("train/runs/*"))
+    assert len(runs) == 1
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    assert 0.0 <= metrics["test/acc"] <= 1.0

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterable
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from src.utils.instantiate import config_to_dict
@@ -27,6 +28,7 @@ def log_hyperparameters(trainer: pl.Trainer, cfg: DictConfig, model: pl.Lightnin
         logger.log_hyperparams(hparams)
 
 
+@rank_zero_only
 def write_skipped_files(datamodule, output_dir: Path) -> None:
     """List the files the data module could not use in `<run dir>/skipped_files.tsv`."""
     skipped = getattr(datamodule, "skipped_files", None)
@@ -39,6 +41,7 @@ def write_skipped_files(datamodule, output_dir: Path) -> None:
     log.warning(f"Skipped {len(skipped)} unusable files (not images or unreadable); list in {path}")
 
 
+@rank_zero_only  # under DDP every rank runs the task; one report
 def report_metrics(metrics: dict, output_dir: Path, keys: Iterable[str]) -> None:
     """Write `metrics.json` and print the headline numbers and the run directory."""
     output_dir.mkdir(parents=True, exist_ok=True)
