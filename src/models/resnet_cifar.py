@@ -146,6 +146,12 @@ class CifarResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """timm's parameter grouping (stages for `optimizer.lr_mult_list`, layers for
+        `optimizer.layer_decay`): the stem, then each stage (coarse) or each block (fine); the
+        unmatched classifier forms the last group."""
+        return {"stem": r"^stem\.", "blocks": r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)"}
+
     def get_classifier(self) -> nn.Module:
         return self.fc
 

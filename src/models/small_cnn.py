@@ -60,6 +60,12 @@ class SmallCNN(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """timm's parameter grouping (stages for `optimizer.lr_mult_list`, layers for
+        `optimizer.layer_decay`): the first block is the stem, each later block a stage (coarse and
+        fine are the same here); the unmatched classifier forms the last group."""
+        return {"stem": r"^features\.0\.", "blocks": r"^features\.(\d+)\."}
+
     def get_classifier(self) -> nn.Module:
         return self.fc
 
