@@ -11,6 +11,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from src.datamodules.sampling import epoch_indices, epoch_size
+
 
 class DeviceBatches:
     """An iterable of `(images, labels)` batches sliced from device-resident tensors.
@@ -20,7 +22,8 @@ class DeviceBatches:
     starts; after a mid-epoch resume the second number skips the batches the interrupted epoch trained
     on (Lightning's loop progress knows it exactly; a count kept here would be off by the batch that
     Lightning prefetches). Under data parallelism each rank takes every `world_size`-th sample of the
-    shared permutation.
+    shared permutation. With `shuffle`, `sampling` (`data.sampler`: null, `oversample`, `undersample`)
+    re-balances the classes; see `src.datamodules.sampling`.
     """
 
     def __init__(
@@ -34,6 +37,7 @@ class DeviceBatches:
         progress_fn: Callable[[], tuple[int, int]] = lambda: (0, 0),
         rank: int = 0,
         world_size: int = 1,
+        sampling: str | None = None,
     ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -41,22 +45,24 @@ class DeviceBatches:
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.seed, self.progress_fn = seed, progress_fn
         self.rank, self.world_size = rank, world_size
+        # not named `sampler`: Lightning takes anything with a `sampler` attribute for a DataLoader
+        self.sampling = sampling if shuffle else None  # an evaluation pass visits every sample once
+        self._epoch_size = epoch_size(labels, self.sampling)  # fixed: the labels never change
 
     def _num_samples(self) -> int:
         # every rank gets the same count, so collective ops stay in step
-        return len(self.labels) // self.world_size if self.world_size > 1 else len(self.labels)
+        n = self._epoch_size
+        return n // self.world_size if self.world_size > 1 else n
 
     def __len__(self) -> int:
         n = self._num_samples()
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def _indices(self, epoch: int) -> torch.Tensor:
-        n = len(self.labels)
         if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            order = torch.randperm(n, generator=gen)
+            order = epoch_indices(self.labels, self.sampling, self.seed, epoch)
         else:
-            order = torch.arange(n)
+            order = torch.arange(len(self.labels))
         if self.world_size > 1:
             order = order[self.rank :: self.world_size][: self._num_samples()]
         return order.to(self.labels.device)

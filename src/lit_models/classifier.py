@@ -11,12 +11,16 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from src.datamodules.sampling import label_counts
+from src.utils.errors import AutoclsError
+
 
 class ClassifierLitModule(pl.LightningModule):
     """Trains `net` with `loss`; logs `{train,val,test}/loss`, `/acc`, `/acc_top5` and `val/acc_best`.
 
     `optimizer` and `scheduler` are partials (Hydra `_partial_: true`): the optimizer gets the
-    parameters, the scheduler the optimizer and the run's step counts, and it is stepped per step.
+    network and the global batch size (`src.optim.optimizers.build_optimizer`), the scheduler the
+    optimizer and the run's step counts, and it is stepped per step.
     Targets may be class indices or probabilities (batch mixing); accuracy uses their argmax.
     """
 
@@ -48,8 +52,19 @@ class ClassifierLitModule(pl.LightningModule):
         return self.net(x)
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and getattr(self.loss_fn, "wants_class_counts", False):
+            # e.g. balanced class weights; other stages restore the weights from the checkpoint
+            self.loss_fn.set_class_counts(self._train_label_counts())
         if self.hparams.compile and stage == "fit":
             self.net = torch.compile(self.net)
+
+    def _train_label_counts(self) -> torch.Tensor:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            raise AutoclsError(
+                "loss.class_weights=balanced needs the train labels; fit with a datamodule or give explicit class_weights."
+            )
+        return label_counts(datamodule.splits["train"], datamodule.num_classes)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, target = batch
@@ -88,7 +103,9 @@ class ClassifierLitModule(pl.LightningModule):
         self._step(batch, "test")
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.hparams.optimizer(params=self.parameters())
+        from src.optim.optimizers import global_batch_from
+
+        optimizer = self.hparams.optimizer(self.net, global_batch_size=global_batch_from(self.trainer))
         if self.hparams.scheduler is None:
             return {"optimizer": optimizer}
         total_steps = self.trainer.estimated_stepping_batches

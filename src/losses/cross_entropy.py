@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
+from src.losses.base import ClassificationLoss
 
-class CrossEntropyLoss(nn.Module):
-    """Cross-entropy with label smoothing (Szegedy et al. 2016).
+
+class CrossEntropyLoss(ClassificationLoss):
+    """Cross-entropy with temperature, label smoothing (Szegedy et al. 2016) and class weights.
 
     Targets are class indices `(B,)` or probabilities `(B, C)` (Mixup/CutMix, distillation); smoothing
-    applies to both, mixing the target with the uniform distribution by `label_smoothing`.
+    applies to both, mixing the target with the uniform distribution by `label_smoothing`. The batch
+    reduction is `F.cross_entropy`'s: a weighted mean for weighted class-index targets, else a mean.
+    See `ClassificationLoss` for the arguments.
     """
 
-    def __init__(self, label_smoothing: float = 0.0) -> None:
-        super().__init__()
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.label_smoothing = label_smoothing
-
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        # float32 log-softmax: bf16 logits lose too much precision in the normaliser
-        return F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(self.scaled(logits), target, weight=self.weight, label_smoothing=self.label_smoothing)
