@@ -4,6 +4,10 @@
 own random parameters (in-memory data). `op.sample_transform(image_size)` returns the equivalent
 per-sample torchvision v2 transform for data streamed from disk, which runs in DataLoader workers on
 PIL images. A crop op also fixes the output size, so it comes first.
+
+The other ops live beside these: `policies` (AutoAugment, RandAugment, TrivialAugment, AugMix),
+`erasing` (Cutout, RandomErasing, HideAndSeek, GridMask) and `mixing` (Mixup, CutMix on batches).
+This module also holds what they all share: parameter checks and `OnOneImage`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,37 @@ import math
 import torch
 from torch import nn
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from src.utils.errors import AutoclsError
+
+
+def check_param(name: str, value, ok: bool, valid: str) -> None:
+    """Reject a bad parameter when the config is instantiated (not mid-run) with one sentence naming the
+    valid values."""
+    if not ok:
+        raise AutoclsError(f"augmentation parameter {name}={value!r} is invalid; use {valid}.")
+
+
+def check_range(name: str, value: float, low: float, high: float, integer: bool = False) -> None:
+    """`check_param` for a number in [low, high], optionally an integer."""
+    ok = low <= value <= high and (not integer or float(value).is_integer())
+    check_param(name, value, ok, f"{'an integer' if integer else 'a value'} in [{low}, {high}]")
+
+
+class OnOneImage(nn.Module):
+    """The per-sample form of a batch op that torchvision lacks: runs `op` on a batch of one image (PIL
+    or uint8 CHW in, uint8 CHW out), so the device and the streamed path share one implementation.
+    Values the op writes outside [0, 1] (e.g. RandomErasing's noise) are clipped by the uint8 result."""
+
+    def __init__(self, op: nn.Module) -> None:
+        super().__init__()
+        self.op = op
+
+    def forward(self, image) -> torch.Tensor:
+        x = image if isinstance(image, torch.Tensor) else TF.pil_to_tensor(image)
+        out = self.op(x.unsqueeze(0).float().div(255)).squeeze(0)
+        return out.mul(255).round_().clamp_(0, 255).to(torch.uint8)
 
 
 class PadCrop(nn.Module):
@@ -86,6 +121,7 @@ class HorizontalFlip(nn.Module):
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
+        check_range("HorizontalFlip.p", p, 0.0, 1.0)
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The training augmentation a config describes: ordered named ops (a crop first), applied on the
-device to in-memory batches or per sample on CPU to streamed images."""
+device to in-memory batches or per sample on CPU to streamed images, and optional batch mixing
+(Mixup/CutMix) of every normalised training batch on the device."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
+from src.augment.mixing import BatchMixing
 from src.utils.errors import AutoclsError
 
 
@@ -17,12 +19,19 @@ class Augmentation(nn.Module):
 
     `ops` maps a name to an op (see `src.augment.ops`); names let configs combine and remove ops
     (`augmentation.ops.hflip=null`), and the mapping's order is the order of application. Evaluation
-    never augments; normalisation is the data module's last step, after these ops.
+    never augments; normalisation is the data module's last step, after these ops. `mixing` (see
+    `src.augment.mixing`) then mixes the normalised batch and its labels (`mix`).
     """
 
-    def __init__(self, ops: Mapping[str, nn.Module | None] | None = None) -> None:
+    def __init__(self, ops: Mapping[str, nn.Module | None] | None = None, mixing: BatchMixing | None = None) -> None:
         super().__init__()
         self.ops = nn.ModuleDict({name: op for name, op in (ops or {}).items() if op is not None})
+        self.mixing = mixing
+        if mixing is not None and any(getattr(op, "views", 1) > 1 for op in self.ops.values()):
+            raise AutoclsError(
+                "AugMix jsd=true returns three views per image, which batch mixing cannot pair with labels; "
+                "set augmentation.ops.augmix.jsd=false or augmentation.mixing=null."
+            )
         crops = [name for name, op in self.ops.items() if getattr(op, "is_crop", False)]
         if len(crops) > 1 or (crops and next(iter(self.ops)) != crops[0]):
             raise AutoclsError(
@@ -34,6 +43,15 @@ class Augmentation(nn.Module):
         for op in self.ops.values():
             x = op(x)
         return x
+
+    def mix(
+        self, images: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch mixing of a normalised training batch: integer labels become (B, num_classes)
+        probability targets; without `mixing` both come back unchanged."""
+        if self.mixing is None:
+            return images, labels
+        return self.mixing(images, labels, num_classes)
 
     def sample_transform(self, image_size: int) -> v2.Transform:
         """Per-sample CPU transform (PIL in, uint8 CHW tensor out) for streamed training data."""

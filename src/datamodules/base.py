@@ -25,6 +25,7 @@ from torchvision.transforms import v2
 
 from src.augment.pipeline import Augmentation
 from src.datamodules.device_loader import DeviceBatches
+from src.datamodules.sampling import ClassBalancedSampler, check_sampler, epoch_size, split_labels
 from src.utils.errors import AutoclsError
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,10 @@ class ClassificationDataModule(pl.LightningDataModule):
         num_workers: int = 4,
         pin_memory: bool = True,
         seed: int = 0,
+        sampler: str | None = None,
     ) -> None:
         super().__init__()
+        check_sampler(sampler)
         if len(mean) != in_chans or len(std) != in_chans:
             raise AutoclsError(
                 f"data.mean and data.std need {in_chans} values (one per channel, data.in_chans={in_chans}), "
@@ -85,6 +88,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.mean, self.std = tuple(mean), tuple(std)
         self.augmentation = augmentation or Augmentation()
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
+        self.sampler = sampler  # how training epochs are drawn (class re-balancing); see sampling.py
         self.class_names: list[str] | None = None
         self.splits: dict[str, TensorSplit | FileSplit] = {}
         self.skipped_files: list = []  # SkippedFile records, written to the run dir by the train task
@@ -152,13 +156,18 @@ class ClassificationDataModule(pl.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """uint8 batch on the device -> (augmented) normalised float batch."""
+        """uint8 batch on the device -> (augmented) normalised float batch; training batches may be
+        mixed (Mixup/CutMix), which turns their labels into probability targets."""
         images, labels = batch
         images = images.float().div_(255)
         trainer = self.trainer
-        if trainer is not None and trainer.training and isinstance(self.splits.get("train"), TensorSplit):
+        training = trainer is not None and trainer.training
+        if training and isinstance(self.splits.get("train"), TensorSplit):
             images = self.augmentation(images)
-        return self.normalize(images), labels
+        images = self.normalize(images)
+        if training:  # mixing needs the whole batch, so streamed batches are mixed here too
+            images, labels = self.augmentation.mix(images, labels, self.num_classes)
+        return images, labels
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
@@ -181,16 +190,18 @@ class ClassificationDataModule(pl.LightningDataModule):
         if split.images.device != device:  # once per fit; later loaders reuse the resident copy
             split = self.splits[name] = TensorSplit(split.images.to(device), split.labels.to(device))
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = self.sampler if shuffle else None
         return DeviceBatches(
             split.images,
             split.labels,
             batch_size=batch_size,
             shuffle=shuffle,
-            drop_last=shuffle and len(split) > batch_size,
+            drop_last=shuffle and epoch_size(split.labels, sampler) > batch_size,
             seed=self.seed,
             progress_fn=self._train_progress if shuffle else (lambda: (0, 0)),
             rank=rank,
             world_size=world,
+            sampling=sampler,
         )
 
     def _train_progress(self) -> tuple[int, int]:
@@ -212,11 +223,15 @@ class ClassificationDataModule(pl.LightningDataModule):
             resize = round(self.image_size / self.crop_pct)
             transform = v2.Compose([v2.Resize(resize), v2.CenterCrop(self.image_size), v2.PILToTensor()])
         trainer = self.trainer
+        # a sampler replaces the DataLoader's own shuffling (the two are mutually exclusive)
+        sampler = ClassBalancedSampler(split_labels(split), self.sampler, self.seed) if shuffle and self.sampler else None
+        epoch_samples = len(sampler) if sampler is not None else len(split)
         return DataLoader(
             ImageFileDataset(split.samples, transform=transform),
             batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(split) > batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            drop_last=shuffle and epoch_samples > batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and trainer is not None and trainer.strategy.root_device.type == "cuda",
             persistent_workers=self.num_workers > 0,
