@@ -7,7 +7,7 @@ normalisation and batch mixing; shown de-normalised, with the mixed targets as c
     python scripts/preview_augmentation.py augmentation=cutout --rows 6 --images 10 --out cutout.png
 
 The config is `configs/train.yaml` composed with the overrides, as `train.py` would; the images are
-the first of the validation split, decoded at the data's image size. Writes `previews/<name>.png` by
+spread evenly over the validation split, decoded at the data's image size. Writes `previews/<name>.png` by
 default and prints the path.
 """
 
@@ -23,6 +23,8 @@ import matplotlib.pyplot as plt
 import torch
 from hydra import compose, initialize_config_dir
 
+from src.datamodules.base import TensorSplit
+from src.datamodules.image_files import decode_to_tensor
 from src.utils.instantiate import build_datamodule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +45,8 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
     datamodule = build_datamodule(cfg)
     datamodule.setup()
-    images, labels = next(iter(datamodule.val_dataloader()))
-    images, labels = images[: args.images].float() / 255, labels[: args.images]
+    images, labels = _spread_sample(datamodule.splits["val"], args.images, datamodule)
+    images = images.float() / 255
 
     augmentation = datamodule.augmentation
     names = datamodule.describe()["class_names"]
@@ -59,6 +61,17 @@ def main() -> None:
     out = args.out or ROOT / "previews" / f"{name}.png"
     _plot(rows, captions, f"augmentation={name}", out)
     print(out)
+
+
+def _spread_sample(split, k: int, datamodule) -> tuple[torch.Tensor, torch.Tensor]:
+    """k images evenly spaced over the split (splits are often ordered by class, so the first k
+    would all share one label)."""
+    idx = torch.linspace(0, len(split) - 1, min(k, len(split))).round().long()
+    if isinstance(split, TensorSplit):
+        return split.images[idx], split.labels[idx]
+    images, labels, _ = decode_to_tensor([split.samples[i] for i in idx.tolist()], datamodule.image_size,
+                                         datamodule.crop_pct)
+    return images, labels
 
 
 def _caption(target: torch.Tensor, names: list[str]) -> str:

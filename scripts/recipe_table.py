@@ -28,21 +28,26 @@ from src.utils.machine import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> overrides on top of the base recipe (balanced data)
-VARIANTS = {
-    "base": [],
-    "label smoothing 0.1": ["loss.label_smoothing=0.1"],
-    "schedule: piecewise": ["scheduler=piecewise"],
-    "schedule: poly": ["scheduler=poly"],
-    "schedule: exponential": ["scheduler=exponential"],
-    "schedule: one_cycle": ["scheduler=one_cycle"],
-    "schedule: linear_to_zero": ["scheduler=linear_to_zero"],
-    "SWA (cyclic lr)": ["callbacks=swa"],
-    "EMA": ["callbacks=ema"],
-    "focal loss": ["loss=focal"],
-    "Mixup": ["augmentation=mixup"],
-    "CutMix": ["augmentation=cutmix"],
-}
+def variants(epochs: int) -> dict[str, list[str]]:
+    """name -> overrides on top of the base recipe (balanced data). Schedules with epoch-based
+    shapes are scaled to the run's length, so each decays over the same budget."""
+    return {
+        "base": [],
+        "label smoothing 0.1": ["loss.label_smoothing=0.1"],
+        "schedule: piecewise": ["scheduler=piecewise", f"scheduler.milestones=[{epochs // 2},{3 * epochs // 4}]"],
+        "schedule: poly": ["scheduler=poly"],
+        # 0.01 x the base lr at the end of the run
+        "schedule: exponential": ["scheduler=exponential", f"scheduler.gamma={0.01 ** (1 / epochs):.4f}"],
+        "schedule: one_cycle": ["scheduler=one_cycle"],
+        "schedule: linear_to_zero": ["scheduler=linear_to_zero"],
+        "SWA (averaging from 75% of the run)": ["callbacks=swa"],
+        "EMA": ["callbacks=ema"],
+        "focal loss": ["loss=focal"],
+        "Mixup": ["augmentation=mixup"],
+        "CutMix": ["augmentation=cutmix"],
+    }
+
+
 # name -> overrides on top of the base recipe trained on the long-tailed subset
 IMBALANCED_VARIANTS = {
     "imbalanced: base": [],
@@ -124,7 +129,7 @@ def main() -> None:
     base = base_overrides(args.data_dir.resolve(), args.epochs) + args.extra
     work = Path(tempfile.mkdtemp(prefix="recipe_table_"))
     imbalanced = write_long_tailed_lists(args.data_dir.resolve(), work / "lists", args.imbalance)
-    jobs = [(name, base + o) for name, o in VARIANTS.items()]
+    jobs = [(name, base + o) for name, o in variants(args.epochs).items()]
     jobs += [(name, base + imbalanced + o) for name, o in IMBALANCED_VARIANTS.items()]
     if args.only:
         wanted = set(args.only.split(","))
