@@ -57,13 +57,25 @@ IMBALANCED_VARIANTS = {
 }
 
 
-def base_overrides(data_dir: Path, epochs: int) -> list[str]:
-    """A ResNet-20 CIFAR recipe on an image folder, sized for short runs."""
+def data_overrides(data_dir: Path) -> list[str]:
+    """The balanced data: CIFAR-sized images from an ImageFolder root, 10% of train for validation."""
     return [
-        "data=image_folder", f"data.data_dir={data_dir}", "data.image_size=32", "data.crop_pct=1.0",
-        "data.mean=[0.4914,0.4822,0.4465]", "data.std=[0.2470,0.2435,0.2616]", "data.batch_size=128",
-        "data.val_fraction=0.1", "model/net=resnet_cifar", "model.net.depth=20", "augmentation=standard",
-        "optimizer=sgd", "optimizer.lr=0.1", "scheduler=cosine", f"trainer.max_epochs={epochs}", "logger=none",
+        "data=image_folder", f"data.data_dir={data_dir}", "data.val_fraction=0.1", *CIFAR_DATA,
+    ]
+
+
+# normalisation and size shared by the balanced and the long-tailed data
+CIFAR_DATA = [
+    "data.image_size=32", "data.crop_pct=1.0", "data.mean=[0.4914,0.4822,0.4465]",
+    "data.std=[0.2470,0.2435,0.2616]", "data.batch_size=128",
+]
+
+
+def recipe_overrides(epochs: int) -> list[str]:
+    """A ResNet-20 CIFAR recipe, sized for short runs."""
+    return [
+        "model/net=resnet_cifar", "model.net.depth=20", "augmentation=standard", "optimizer=sgd",
+        "optimizer.lr=0.1", "scheduler=cosine", f"trainer.max_epochs={epochs}", "logger=none",
         "~callbacks.rich_progress_bar", "~callbacks.model_summary",
     ]
 
@@ -93,7 +105,7 @@ def write_long_tailed_lists(data_dir: Path, out: Path, ratio: float) -> list[str
     return [
         "data=list_file", f"data.data_dir={data_dir}", f"data.train_list={out / 'train.txt'}",
         f"data.val_list={out / 'val.txt'}", f"data.test_list={out / 'test.txt'}",
-        f"data.class_names_file={out / 'classes.txt'}",
+        f"data.class_names_file={out / 'classes.txt'}", *CIFAR_DATA,
     ]
 
 
@@ -123,31 +135,46 @@ def main() -> None:
     parser.add_argument("--imbalance", type=float, default=10.0, help="largest/smallest class size")
     parser.add_argument("--only", default="", help="comma-separated variant names to run")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "recipe_table.md")
+    parser.add_argument("--cache", type=Path, default=ROOT / "logs" / "recipe_table" / "results.jsonl",
+                        help="finished runs (variant, seed, accuracy, seconds); a rerun skips them")
     parser.add_argument("extra", nargs="*", help="overrides added to every run (after --)")
     args = parser.parse_args()
 
-    base = base_overrides(args.data_dir.resolve(), args.epochs) + args.extra
+    recipe = recipe_overrides(args.epochs) + args.extra
+    balanced = data_overrides(args.data_dir.resolve())
     work = Path(tempfile.mkdtemp(prefix="recipe_table_"))
     imbalanced = write_long_tailed_lists(args.data_dir.resolve(), work / "lists", args.imbalance)
-    jobs = [(name, base + o) for name, o in variants(args.epochs).items()]
-    jobs += [(name, base + imbalanced + o) for name, o in IMBALANCED_VARIANTS.items()]
+    jobs = [(name, balanced + recipe, o) for name, o in variants(args.epochs).items()]
+    jobs += [(name, imbalanced + recipe, o) for name, o in IMBALANCED_VARIANTS.items()]
     if args.only:
         wanted = set(args.only.split(","))
         jobs = [job for job in jobs if job[0] in wanted]
+    args.cache.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if args.cache.exists():
+        for line in args.cache.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["variant"], r["seed"])] = (r["acc"], r["seconds"])
 
     rows, skipped = [], []
-    for name, overrides in jobs:
+    for name, base, extra in jobs:
+        overrides = base + extra
         if not config_exists(overrides):
             skipped.append(name)
             print(f"skip {name}: its config is not in configs/", flush=True)
             continue
         accs, times = [], []
         for seed in args.seeds:
-            acc, seconds = run([*overrides, f"seed={seed}"], work / "logs")
+            if (name, seed) not in done:
+                done[(name, seed)] = run([*overrides, f"seed={seed}"], work / "logs")
+                with args.cache.open("a") as f:
+                    acc, seconds = done[(name, seed)]
+                    f.write(json.dumps({"variant": name, "seed": seed, "acc": acc, "seconds": seconds}) + "\n")
+            acc, seconds = done[(name, seed)]
             accs.append(acc)
             times.append(seconds)
             print(f"{name} seed {seed}: test/acc {acc:.4f} ({seconds:.0f} s)", flush=True)
-        rows.append((name, overrides[len(base):], accs, times))
+        rows.append((name, extra, accs, times))
 
     base_mean = {n: statistics.mean(a) for n, _, a, _ in rows}
     lines = [
@@ -156,7 +183,7 @@ def main() -> None:
         f"Machine: {describe_machine()}.  ",
         f"Command: `python scripts/recipe_table.py --data-dir {args.data_dir} --seeds {' '.join(map(str, args.seeds))} "
         f"--epochs {args.epochs}{' -- ' + ' '.join(args.extra) if args.extra else ''}`.  ",
-        f"Base recipe: `{' '.join(base)}`; {args.epochs} epochs for every row, seeds {args.seeds}; "
+        f"Base recipe: `{' '.join(balanced + recipe)}`; {args.epochs} epochs for every row, seeds {args.seeds}; "
         f"top-1 is test/acc of the best-by-val checkpoint, mean and [min, max] over seeds; "
         f"imbalanced rows train on a long-tailed train split (ratio {args.imbalance:g}) and compare with "
         "their own base.",
