@@ -91,3 +91,10 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert len(runs) == 1
     metrics = json.loads((runs[0] / "metrics.json").read_text())
     assert 0.0 <= metrics["test/acc"] <= 1.0
+
+
+@pytest.mark.slow
+def test_torch_compile_and_gradient_accumulation_train(compose_train):
+    """model.compile=true (inductor on CPU) with accumulated gradients still learns the digits."""
+    metrics = train(compose_train(["model.compile=true", "trainer.accumulate_grad_batches=2", "trainer.max_epochs=4"]))
+    assert metrics["val/acc_best"] >= 0.9
