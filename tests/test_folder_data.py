@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from src.datamodules.base import FileSplit, TensorSplit
 from src.datamodules.folder import ImageFolderDataModule, ListFileDataModule
 from src.train import train
 
@@ -70,3 +71,12 @@ def test_train_on_cifar_jpgs(compose_train, cifar_jpg_dir, in_memory):
                  "model/net=resnet_cifar", "augmentation=standard", "optimizer=sgd", "trainer.max_epochs=2"]
     metrics = train(compose_train(overrides))
     assert 0.0 <= metrics["test/acc"] <= 1.0 and np.isfinite(metrics["train/loss"])
+
+
+def test_auto_falls_back_to_streaming_with_a_note(cifar_jpg_dir, caplog):
+    """A folder too big for data.max_memory_gb streams from disk, and the log says why."""
+    with caplog.at_level("INFO", logger="src.datamodules.folder"):
+        dm = _folder(cifar_jpg_dir, in_memory="auto", max_memory_gb=0.001)
+    assert all(isinstance(s, FileSplit) for s in dm.splits.values())
+    assert "data.max_memory_gb=0.001: streaming" in caplog.text
+    assert isinstance(_folder(cifar_jpg_dir, in_memory="auto").splits["train"], TensorSplit)

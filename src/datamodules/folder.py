@@ -64,7 +64,14 @@ class FileDataModule(ClassificationDataModule):
         samples = self._sample_splits()
         # the test split may be the val split itself: decode it once
         unique = {id(s): s for s in samples.values()}
-        if not self._fits_in_memory(sum(len(s) for s in unique.values())):
+        num_images = sum(len(s) for s in unique.values())
+        if not self._fits_in_memory(num_images):
+            if self.in_memory == "auto":
+                log.info(
+                    f"{num_images} images at {self.image_size}px need "
+                    f"{num_images * 3 * self.image_size**2 / 1e9:.1f} GB decoded, more than data.max_memory_gb="
+                    f"{self.max_memory_gb:g}: streaming them from disk with {self.num_workers} workers instead."
+                )
             return {name: FileSplit(s) for name, s in samples.items()}
         decoded: dict[int, TensorSplit] = {}
         for name, split_samples in samples.items():
