@@ -98,3 +98,15 @@ def test_torch_compile_and_gradient_accumulation_train(compose_train):
     """model.compile=true (inductor on CPU) with accumulated gradients still learns the digits."""
     metrics = train(compose_train(["model.compile=true", "trainer.accumulate_grad_batches=2", "trainer.max_epochs=4"]))
     assert metrics["val/acc_best"] >= 0.9
+
+
+def test_channels_last_trains_and_predicts_like_the_default_layout(compose_train, tmp_path):
+    """model.channels_last=true changes the memory layout only: the same seed gives the same accuracy."""
+    default = train(compose_train(["trainer.max_epochs=2"], out=tmp_path / "nchw"))
+    nhwc = train(compose_train(["trainer.max_epochs=2", "model.channels_last=true"], out=tmp_path / "nhwc"))
+    assert nhwc["val/acc"] == pytest.approx(default["val/acc"], abs=0.02)
+    assert nhwc["val/acc_best"] >= 0.9
+    conv = lambda d: next(v for v in torch.load(d / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"].values()  # noqa: E731
+                          if v.ndim == 4 and v.shape[1] > 1 and v.shape[-1] > 1)  # layouts differ only then
+    assert conv(tmp_path / "nhwc").is_contiguous(memory_format=torch.channels_last)
+    assert not conv(tmp_path / "nchw").is_contiguous(memory_format=torch.channels_last)

@@ -31,6 +31,7 @@ class ClassifierLitModule(pl.LightningModule):
         optimizer: partial,
         scheduler: partial | None = None,
         compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         # the injected modules are saved as weights, not as hyperparameters
@@ -49,12 +50,17 @@ class ClassifierLitModule(pl.LightningModule):
         self.val_acc_best = MaxMetric()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and getattr(self.loss_fn, "wants_class_counts", False):
             # e.g. balanced class weights; other stages restore the weights from the checkpoint
             self.loss_fn.set_class_counts(self._train_label_counts())
+        if self.hparams.channels_last:
+            # NHWC lets cuDNN use tensor-core convolutions without layout transposes (bf16/fp16)
+            self.net.to(memory_format=torch.channels_last)
         if self.hparams.compile and stage == "fit":
             self.net = torch.compile(self.net)
 
