@@ -93,6 +93,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.splits: dict[str, TensorSplit | FileSplit] = {}
         self.skipped_files: list = []  # SkippedFile records, written to the run dir by the train task
         self._num_classes: int | None = None
+        self._norm_stats: dict = {}  # (device, dtype) -> (mean, std) tensors shaped (1, C, 1, 1)
 
     # --- what subclasses provide -------------------------------------------------------------
     def _detect_num_classes(self) -> int:
@@ -170,8 +171,14 @@ class ClassificationDataModule(pl.LightningDataModule):
         return images, labels
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        key = (images.device, images.dtype)
+        if key not in self._norm_stats:
+            # built once per device: a fresh host-to-device copy every step would sit on the hot path
+            shape = (1, -1, 1, 1)
+            self._norm_stats[key] = tuple(
+                torch.tensor(v, device=images.device, dtype=images.dtype).view(shape) for v in (self.mean, self.std)
+            )
+        mean, std = self._norm_stats[key]
         return (images - mean) / std
 
     # --- loaders -----------------------------------------------------------------------------
@@ -260,6 +267,17 @@ def stratified_split(labels: torch.Tensor, fraction: float | int, seed: int) -> 
     mask = torch.ones(n, dtype=torch.bool)
     mask[held_out] = False
     return torch.nonzero(mask).flatten(), held_out
+
+
+def train_val_test_split(
+    labels: torch.Tensor, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices (train, val, test) of one labelled pool: `test_fraction` of it held out first, then
+    `val_fraction` of the whole from the rest, both stratified and seeded (a fraction of 0 gives an
+    empty split)."""
+    rest, test = stratified_split(labels, test_fraction, seed)
+    keep, val = stratified_split(labels[rest], val_fraction / (1 - test_fraction), seed + 1)
+    return rest[keep], rest[val], test
 
 
 def resolve_dir(path: str | Path, fix: str) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from src.datamodules.base import ClassificationDataModule, TensorSplit, stratified_split
+from src.datamodules.base import ClassificationDataModule, TensorSplit, train_val_test_split
 
 
 class DigitsDataModule(ClassificationDataModule):
@@ -31,8 +31,6 @@ class DigitsDataModule(ClassificationDataModule):
         images = torch.from_numpy(digits.images * (255 / 16)).round().to(torch.uint8).unsqueeze(1)
         labels = torch.from_numpy(digits.target).long()
         self.class_names = [str(i) for i in range(10)]
-        rest, test = stratified_split(labels, self.test_fraction, self.split_seed)
-        keep, val = stratified_split(labels[rest], self.val_fraction / (1 - self.test_fraction), self.split_seed + 1)
-        train, val = rest[keep], rest[val]
+        train, val, test = train_val_test_split(labels, self.val_fraction, self.test_fraction, self.split_seed)
         return {name: TensorSplit(images[idx], labels[idx]) for name, idx in
                 (("train", train), ("val", val), ("test", test))}

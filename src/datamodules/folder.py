@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from src.datamodules.base import ClassificationDataModule, FileSplit, TensorSplit, resolve_dir, stratified_split
+from src.datamodules.base import ClassificationDataModule, FileSplit, TensorSplit, resolve_dir, train_val_test_split
 from src.datamodules.image_files import (
     decode_to_tensor,
     read_class_names,
@@ -251,10 +251,6 @@ class Flowers102DataModule(FileDataModule):
 
 def _split_samples(samples: list[tuple[str, int]], val_fraction: float, test_fraction: float, seed: int):
     """Seeded stratified train/val/test lists from one list."""
-    if val_fraction <= 0 and test_fraction <= 0:
-        return samples, [], []
     labels = torch.tensor([label for _, label in samples])
-    rest, test_idx = stratified_split(labels, test_fraction, seed) if test_fraction > 0 else (torch.arange(len(samples)), torch.tensor([], dtype=torch.long))
-    keep, val_idx = stratified_split(labels[rest], val_fraction / (1 - test_fraction), seed + 1) if val_fraction > 0 else (torch.arange(len(rest)), torch.tensor([], dtype=torch.long))
-    pick = lambda idx: [samples[i] for i in idx.tolist()]  # noqa: E731
-    return pick(rest[keep]), pick(rest[val_idx]), pick(test_idx)
+    splits = train_val_test_split(labels, val_fraction, test_fraction, seed)
+    return tuple([samples[i] for i in idx.tolist()] for idx in splits)
