@@ -21,6 +21,7 @@ from src.models.resnet_cifar import resnet_cifar
 from src.optim.optimizers import OPTIMIZERS, build_optimizer, global_batch_from
 from src.train import train
 from src.utils.errors import AutoclsError, find_user_error
+from lr_steps import run_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULERS = sorted(p.stem for p in (ROOT / "configs" / "scheduler").glob("*.yaml"))
@@ -75,18 +76,6 @@ def make_schedule(compose_train, name: str, optimizer, extra=()):
         overrides.append("scheduler.warmup_epochs=1")
     cfg = compose_train(overrides)
     return instantiate(cfg.scheduler)(optimizer=optimizer, total_steps=T, steps_per_epoch=SPE)
-
-
-def run_steps(model, opt, sched, steps: int) -> list[float]:
-    """The lr each optimizer step trains with, stepping the scheduler after every step as Lightning does."""
-    used = []
-    for _ in range(steps):
-        used.append(opt.param_groups[0]["lr"])
-        opt.zero_grad()
-        model(torch.ones(4, 3)).sum().backward()
-        opt.step()
-        sched.step()
-    return used
 
 
 # --- schedules -----------------------------------------------------------------------------------

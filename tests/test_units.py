@@ -24,6 +24,7 @@ from src.datamodules.digits import DigitsDataModule
 from src.losses.cross_entropy import CrossEntropyLoss
 from src.optim.schedulers import WarmupCosineLR
 from src.utils.errors import AutoclsError
+from lr_steps import run_steps
 
 # --- DeviceBatches -----------------------------------------------------------------------------
 
@@ -186,18 +187,6 @@ def make_sgd(lr: float = BASE_LR, seed: int = 0):
     torch.manual_seed(seed)
     model = nn.Linear(3, 2)
     return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-
-
-def run_steps(model, opt, sched, steps: int) -> list[float]:
-    """The lr each optimizer step trains with, stepping the scheduler after every step as Lightning does."""
-    used = []
-    for _ in range(steps):
-        used.append(opt.param_groups[0]["lr"])
-        opt.zero_grad()
-        model(torch.ones(4, 3)).sum().backward()
-        opt.step()
-        sched.step()
-    return used
 
 
 def test_warmup_cosine_matches_closed_form():
