@@ -1,0 +1,1 @@
+"""Deployment: rebuild a trained network from its checkpoint, export, quantise, prune, measure, predict."""
