@@ -36,6 +36,14 @@ def test_default_run_reaches_accuracy_bar_and_writes_outputs(compose_train, tmp_
     assert ckpt["autocls"]["config"]["model"]["net"]["num_classes"] == 10
 
 
+def test_last_checkpoint_is_the_newest_epoch_even_without_improvement(compose_train, tmp_path):
+    """`ckpt_path=last` must resume from the last epoch, not from the last improvement: with mode=min on
+    val/acc only epoch 0 "improves", yet last.ckpt has to come from the final epoch."""
+    train(compose_train(["trainer.max_epochs=3", "callbacks.model_checkpoint.mode=min", "test=false"]))
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")) == ["epoch_000.ckpt", "last.ckpt"]
+
+
 def test_eval_reproduces_the_test_metrics_of_fit(compose_train, compose_eval, tmp_path):
     """eval.py on the best checkpoint gives exactly the test metrics that train.py reported."""
     fit = train(compose_train(["trainer.max_epochs=3"], out=tmp_path / "fit"))
