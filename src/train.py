@@ -41,6 +41,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("train", True):
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
         metrics.update(_scalars(trainer.callback_metrics))
+        metrics["epochs"] = trainer.current_epoch  # epochs trained (fewer when stopped early or pruned)
     write_skipped_files(datamodule, output_dir)
 
     if cfg.get("test", True):

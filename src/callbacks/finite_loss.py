@@ -27,7 +27,8 @@ class FiniteLossGuard(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if trainer.global_step % self.check_every_n_steps:
             return
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        # manual optimisation may return nothing for a step ({}): nothing to check then
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is None:
             return
         value = float(loss)
