@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from src.evaluation.extras import EvalExtras
 from src.utils.checkpoints import check_compatible, checkpoint_metadata, load_checkpoint
 from src.utils.instantiate import build_datamodule, build_loggers, resolve_ckpt_path
 from src.utils.reporting import report_metrics
@@ -28,19 +29,30 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     run_cfg = OmegaConf.create(checkpoint_metadata(ckpt, ckpt_path)["config"])
 
     # evaluation never augments; the data and network come from the training run unless overridden
-    data_cfg = OmegaConf.create({"data": cfg.data if cfg.get("data") else run_cfg.data, "augmentation": None})
+    # (resolved first: detached from this config, the data node's ${paths...} would not resolve)
+    data = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else run_cfg.data
+    data_cfg = OmegaConf.create({"data": data, "augmentation": None})
     datamodule = build_datamodule(data_cfg)
+    # test-time augmentation: eval's `tta`, else the training run's `model.tta`; applied here (EvalExtras),
+    # so the LightningModule runs plain and every test metric comes from one forward per batch
+    tta = cfg.get("tta") or run_cfg.model.get("tta") or "none"
+    if "tta" in run_cfg.model:
+        run_cfg.model.tta = "none"
     model = instantiate(run_cfg.model)
     check_compatible(ckpt, model, ckpt_path, datamodule.num_classes)
     del ckpt  # Lightning reads the file again to restore; don't hold two copies
 
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=build_loggers(cfg) or False, callbacks=[])
+    # test-time augmentation, confusion matrix, per-class accuracy and calibration, in the same pass
+    extras = EvalExtras(cfg.paths.output_dir, tta=tta, ece_bins=cfg.get("ece_bins", 15))
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=build_loggers(cfg) or False, callbacks=[extras])
     with warnings.catch_warnings():
         # evaluation restores only the weights; the training callbacks' states are irrelevant here
         warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint.*")
         results = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     metrics: dict = {k: float(v) for k, v in results[0].items()}
+    metrics.update(extras.metrics)
+    metrics["tta"] = extras.tta
     metrics["ckpt_path"] = ckpt_path
     metrics["wall_time_s"] = round(time.perf_counter() - start, 2)
-    report_metrics(metrics, Path(cfg.paths.output_dir), keys=("test/acc", "test/acc_top5"))
+    report_metrics(metrics, Path(cfg.paths.output_dir), keys=("test/acc", "test/acc_top5", "test/ece"))
     return metrics

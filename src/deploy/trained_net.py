@@ -54,7 +54,7 @@ def load_trained_net(ckpt_path: str | Path) -> TrainedNet:
     if "pretrained_file" in net_cfg:
         net_cfg.pretrained_file = None
     net = instantiate(net_cfg)
-    state = _net_state(ckpt.get("state_dict", {}))
+    state = net_state_dict(ckpt.get("state_dict", {}))
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise AutoclsError(
@@ -64,7 +64,9 @@ def load_trained_net(ckpt_path: str | Path) -> TrainedNet:
     return TrainedNet(net=net.eval(), data=dict(data), config=config, path=str(ckpt_path))
 
 
-def _net_state(state_dict: dict) -> dict:
+def net_state_dict(state_dict: dict) -> dict:
+    """The network's own weights from a LightningModule state dict (`net.` and torch.compile's
+    `_orig_mod.` prefixes removed; other modules' weights, e.g. a distillation teacher's, dropped)."""
     out = {}
     for key, value in state_dict.items():
         if not key.startswith(_NET_PREFIX):

@@ -1,0 +1,123 @@
+"""INT8 post-training static quantisation, calibrated on training images, in two engines.
+
+* `quantize_onnx_static`: onnxruntime's static quantisation of an exported fp32 ONNX graph. The graph
+  is first pre-processed (`quant_pre_process`: shape inference and onnxruntime's graph optimisation,
+  which folds BatchNorm into the convolutions so they quantise as one op), then activations are
+  calibrated with min-max ranges over the calibration images; weights are int8 per output channel,
+  activations uint8 per tensor (U8S8, onnxruntime's recommended combination on x86), written as
+  QuantizeLinear/DequantizeLinear pairs that onnxruntime fuses into integer kernels (QDQ format).
+* `quantize_torch_fx`: PyTorch's own INT8 path available in torch 2.14 without extra packages,
+  FX graph-mode quantisation with the `x86` backend (fbgemm/oneDNN kernels). The PT2E flow has moved
+  to the separate torchao package, which this project does not depend on.
+
+docs/deployment.md says which is faster on x86 CPUs and why, from `scripts/int8_backends.py`; the
+deployment path (`scripts/export.py int8=true`, the latency tables) uses onnxruntime.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from src.deploy.onnx_export import INPUT_NAME
+from src.utils.errors import AutoclsError
+
+log = logging.getLogger(__name__)
+
+
+def _batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, len(images), batch_size):
+        yield images[start : start + batch_size]
+
+
+def _check_calibration(calibration: torch.Tensor) -> None:
+    if calibration.ndim != 4 or len(calibration) == 0:
+        raise AutoclsError(
+            f"Calibration needs a non-empty batch of images (N, C, H, W), got shape {tuple(calibration.shape)}; "
+            "pass training images."
+        )
+
+
+def quantize_onnx_static(
+    fp32_path: str | Path,
+    out_path: str | Path,
+    calibration: torch.Tensor,
+    *,
+    per_channel: bool = True,
+    batch_size: int = 32,
+) -> Path:
+    """Write an INT8 (QDQ) copy of the ONNX model `fp32_path` to `out_path`, with activation ranges
+    calibrated on `calibration` (normalised images, N x C x H x W)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    _check_calibration(calibration)
+    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    if not fp32_path.is_file():
+        raise AutoclsError(f"ONNX model {fp32_path} does not exist; export the fp32 model first.")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = (b.detach().cpu().numpy().astype(np.float32) for b in _batches(calibration, batch_size))
+
+        def get_next(self) -> dict | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {INPUT_NAME: batch}
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared))
+        quantize_static(
+            str(prepared),
+            str(out_path),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+    log.info(f"INT8 (onnxruntime, calibrated on {len(calibration)} images) -> {out_path}")
+    return out_path
+
+
+def quantize_torch_fx(net: nn.Module, calibration: torch.Tensor, *, batch_size: int = 32) -> nn.Module:
+    """An INT8 copy of `net` by torch.ao FX graph-mode static quantisation (x86 backend), calibrated on
+    `calibration`; runs on the CPU. The network must be symbolically traceable by torch.fx."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    _check_calibration(calibration)
+    if "x86" not in torch.backends.quantized.supported_engines:
+        raise AutoclsError("This PyTorch build has no x86 quantised engine; use the onnxruntime INT8 path instead.")
+    torch.backends.quantized.engine = "x86"
+    model = copy.deepcopy(net).cpu().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice (-> torchao)
+        try:
+            prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), example_inputs=(calibration[:1].cpu(),))
+        except Exception as err:
+            raise AutoclsError(
+                f"torch.fx cannot trace {type(net).__name__} for quantisation ({type(err).__name__}); "
+                "use the onnxruntime INT8 path instead."
+            ) from err
+        with torch.inference_mode():
+            for batch in _batches(calibration.cpu(), batch_size):
+                prepared(batch)
+        return convert_fx(prepared).eval()

@@ -1,0 +1,1 @@
+"""Evaluation extras: test-time augmentation, confusion matrix, per-class accuracy, calibration error."""
