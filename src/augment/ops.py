@@ -50,19 +50,41 @@ class OnOneImage(nn.Module):
         return out.mul(255).round_().clamp_(0, 255).to(torch.uint8)
 
 
+class Views(nn.Module):
+    """The per-sample form of an op that makes several views of each image (AugMix `jsd=true`):
+    every branch transforms the image, `after` (the ops that follow it in the pipeline and the
+    tensor conversion) runs on each view on its own, and the views come back stacked, (V, C, H, W).
+    `Augmentation.sample_transform` fills in `after`."""
+
+    def __init__(self, branches, after=None) -> None:
+        super().__init__()
+        self.branches, self.after = list(branches), after
+
+    def forward(self, image) -> torch.Tensor:
+        return torch.stack([self.after(branch(image)) for branch in self.branches])
+
+
 class PadCrop(nn.Module):
-    """Zero-pad by `padding` pixels and take a random crop of the original size (He et al. 2016, CIFAR)."""
+    """Pad by `padding` pixels and take a random crop of the original size (He et al. 2016, CIFAR).
+
+    `padding_mode`: `constant` pads with `fill`; `reflect` mirrors the border (no artificial edges;
+    airbench's 2-pixel translation)."""
 
     is_crop = True
+    PADDING_MODES = ("constant", "reflect")
 
-    def __init__(self, padding: int = 4, fill: float = 0.0) -> None:
+    def __init__(self, padding: int = 4, fill: float = 0.0, padding_mode: str = "constant") -> None:
         super().__init__()
-        self.padding, self.fill = padding, fill
+        check_param("PadCrop.padding_mode", padding_mode, padding_mode in self.PADDING_MODES, "constant or reflect")
+        self.padding, self.fill, self.padding_mode = padding, fill, padding_mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         p = self.padding
-        padded = nn.functional.pad(x, (p, p, p, p), value=self.fill)
+        if self.padding_mode == "reflect":
+            padded = nn.functional.pad(x, (p, p, p, p), mode="reflect")
+        else:
+            padded = nn.functional.pad(x, (p, p, p, p), value=self.fill)
         dy = torch.randint(0, 2 * p + 1, (b, 1, 1), device=x.device)
         dx = torch.randint(0, 2 * p + 1, (b, 1, 1), device=x.device)
         rows = dy + torch.arange(h, device=x.device).view(1, h, 1)  # (B, H, 1)
@@ -73,7 +95,11 @@ class PadCrop(nn.Module):
 
     def sample_transform(self, image_size: int) -> v2.Transform:
         return v2.Compose(
-            [v2.Resize(image_size), v2.CenterCrop(image_size), v2.RandomCrop(image_size, padding=self.padding, fill=round(self.fill * 255))]
+            [
+                v2.Resize(image_size),
+                v2.CenterCrop(image_size),
+                v2.RandomCrop(image_size, padding=self.padding, fill=round(self.fill * 255), padding_mode=self.padding_mode),
+            ]
         )
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from src.augment.mixing import BatchMixing
+from src.augment.ops import Views
 from src.utils.errors import AutoclsError
 
 
@@ -54,9 +55,14 @@ class Augmentation(nn.Module):
         return self.mixing(images, labels, num_classes)
 
     def sample_transform(self, image_size: int) -> v2.Transform:
-        """Per-sample CPU transform (PIL in, uint8 CHW tensor out) for streamed training data."""
+        """Per-sample CPU transform (PIL in, uint8 CHW tensor out) for streamed training data; with a
+        multi-view op (AugMix jsd=true) the views of each image stacked, (V, C, H, W)."""
         steps = [op.sample_transform(image_size) for op in self.ops.values()]
         if not any(getattr(op, "is_crop", False) for op in self.ops.values()):
             # without a crop op the images still need one fixed size to be batched
             steps.insert(0, v2.Compose([v2.Resize(image_size), v2.CenterCrop(image_size)]))
-        return v2.Compose([*steps, v2.PILToTensor()])
+        steps.append(v2.PILToTensor())
+        for i, step in enumerate(steps):
+            if isinstance(step, Views):  # the steps after it run on every view: (V, C, H, W) per image
+                return v2.Compose([*steps[:i], Views(step.branches, after=v2.Compose(steps[i + 1 :]))])
+        return v2.Compose(steps)

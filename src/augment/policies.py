@@ -31,8 +31,7 @@ from torch.nn import functional as F
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from src.augment.ops import check_param, check_range
-from src.utils.errors import AutoclsError
+from src.augment.ops import Views, check_param, check_range
 
 INTERPOLATIONS = ("nearest", "bilinear")
 
@@ -284,9 +283,10 @@ class AugMix(_Policy):
     corruptions the paper evaluates on (torchvision's default is all ops).
 
     `jsd=true` is the paper's Jensen-Shannon consistency variant: the op returns `[x, augmix(x),
-    augmix(x)]` concatenated (3B images for B labels), for a loss that splits the logits into the three
-    views (CE on the clean third + JSD of the three). It needs that loss and in-memory data, so it is
-    off by default.
+    augmix(x)]` concatenated (3B images for B labels; streamed: the three views of each image stacked,
+    (3, C, H, W), which the data module lays out the same way), and `ClassifierLitModule` splits the
+    logits into the three views: its loss on the clean third + `model.consistency` (lambda x JSD of
+    the three, `src.losses.jsd`). It triples the images per step, so it is off by default.
     """
 
     def __init__(
@@ -333,9 +333,7 @@ class AugMix(_Policy):
         return m * x + (1 - m) * mixed
 
     def sample_transform(self, image_size: int) -> v2.Transform:
+        augmix = v2.AugMix(self.severity, self.mixture_width, self.chain_depth, self.alpha, self.all_ops, **self._tv_kwargs())
         if self.jsd:
-            raise AutoclsError(
-                "AugMix jsd=true makes its three views on the device, which streamed data does not use; "
-                "set augmentation.ops.augmix.jsd=false or data.in_memory=true."
-            )
-        return v2.AugMix(self.severity, self.mixture_width, self.chain_depth, self.alpha, self.all_ops, **self._tv_kwargs())
+            return Views([v2.Identity(), augmix, augmix])
+        return augmix

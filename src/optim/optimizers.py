@@ -39,6 +39,7 @@ def build_optimizer(
     lr_mult_list: Sequence[float] | None = None,
     layer_decay: float | None = None,
     scale_lr: bool = False,
+    norm_bias_lr_mult: float = 1.0,
     **optimizer_kwargs: Any,
 ) -> Optimizer:
     """Build optimizer `name` over `net`'s parameters.
@@ -60,13 +61,16 @@ def build_optimizer(
             l of L gets lr x layer_decay^(L - l), the head lr x 1; layers from timm's grouping.
             Combines with `lr_mult_list` by multiplication.
         scale_lr: Scale `lr` (and so every group) by global_batch_size / 256.
+        norm_bias_lr_mult: lr multiplier of the biases (shifts) of normalisation layers, whose weight
+            decay is divided by it, so the decay per step stays that of the other parameters (the
+            `bias_scaler` of airbench, Jordan 2024: BatchNorm shifts learn much faster than weights).
         **optimizer_kwargs: The update rule's own arguments (momentum, nesterov, betas, eps, ...).
     """
     if name not in OPTIMIZERS:
         raise AutoclsError(f"Unknown optimizer.name '{name}'; choose one of {', '.join(OPTIMIZERS)}.")
     if scale_lr:
         lr = scaled_lr(lr, global_batch_size)
-    groups = param_groups(net, lr, weight_decay, no_weight_decay_norm_bias, lr_mult_list, layer_decay)
+    groups = param_groups(net, lr, weight_decay, no_weight_decay_norm_bias, lr_mult_list, layer_decay, norm_bias_lr_mult)
     # timm is imported where it is used: it loads its whole model registry, which importing this
     # module (configs, tests) need not pay for.
     from timm.optim import create_optimizer_v2
@@ -110,6 +114,7 @@ def param_groups(
     no_weight_decay_norm_bias: bool = True,
     lr_mult_list: Sequence[float] | None = None,
     layer_decay: float | None = None,
+    norm_bias_lr_mult: float = 1.0,
 ) -> list[dict[str, Any]]:
     """One group per distinct (lr multiplier, weight decay) pair, in parameter order; see
     `build_optimizer` for the arguments. Frozen parameters are included (an unfreezing callback can
@@ -121,17 +126,25 @@ def param_groups(
     if lr_mult_list is not None:
         _multiply(scales, _stage_lr_mults(net, lr_mult_list))
     exempt = set(getattr(net, "no_weight_decay", lambda: ())())  # e.g. a ViT's position embedding
+    norm_biases = _norm_bias_ids(net) if norm_bias_lr_mult != 1.0 else set()
 
     groups: dict[tuple[float, float], dict[str, Any]] = {}
     for param_name, param in net.named_parameters():
         no_decay = param.ndim <= 1 or any(fnmatch.fnmatch(param_name, pattern) for pattern in exempt)
         decay = 0.0 if no_weight_decay_norm_bias and no_decay else weight_decay
         scale = scales[id(param)]
+        if id(param) in norm_biases:
+            scale, decay = scale * norm_bias_lr_mult, decay / norm_bias_lr_mult
         group = groups.setdefault(
             (scale, decay), {"params": [], "lr": lr * scale, "lr_scale": scale, "weight_decay": decay}
         )
         group["params"].append(param)
     return list(groups.values())
+
+
+def _norm_bias_ids(net: nn.Module) -> set[int]:
+    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    return {id(m.bias) for m in net.modules() if isinstance(m, norms) and getattr(m, "bias", None) is not None}
 
 
 def backbone_stages(net: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
