@@ -59,3 +59,17 @@ def cifar_jpg_dir(tmp_path_factory) -> Path:
     if archive is None:
         pytest.skip("shared CIFAR-10 JPEG archive not found (set AUTOCLS_CIFAR_JPG to its path)")
     return extract_cifar_jpg_subset(archive, tmp_path_factory.mktemp("cifar10_jpg"), per_class=20)
+
+
+@pytest.fixture(scope="session")
+def digits_ckpt(tmp_path_factory) -> Path:
+    """`last.ckpt` of a short SmallCNN digits run (1 epoch of 5 batches), written by the train task as
+    a user's run would write it: for tests that load, predict with or serve a trained model."""
+    from src.train import train
+
+    out = tmp_path_factory.mktemp("digits_ckpt")
+    overrides = ["trainer.max_epochs=1", "+trainer.limit_train_batches=5", "+trainer.limit_val_batches=2",
+                 "logger=none", "test=false", "model.net.width=8"]
+    train(compose_config("train.yaml", out, overrides))
+    GlobalHydra.instance().clear()
+    return out / "checkpoints" / "last.ckpt"

@@ -28,6 +28,8 @@ from fake_datasets import (
     make_fake_cifar,
     make_fake_flowers102,
 )
+from teacher_checkpoints import stand_in_teacher
+
 from src.datamodules.cifar import CIFARDataModule
 from src.datamodules.folder import Flowers102DataModule
 from src.utils.errors import AutoclsError
@@ -113,10 +115,19 @@ def data_overrides(data_cfg, roots: dict[str, Path]) -> list[str]:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_fast_dev_run(experiment, compose_train, fake_data, no_network):
+def test_experiment_fast_dev_run(experiment, compose_train, fake_data, no_network, tmp_path):
     base = [f"experiment={experiment}", "logger=none", "trainer.fast_dev_run=true"]
     data_cfg = compose_train(base).data
     cfg = compose_train([*base, *data_overrides(data_cfg, fake_data)])
+    if cfg.model._target_.endswith("DistillationLitModule"):  # an untrained stand-in teacher for the fake data
+        teacher = stand_in_teacher(cfg, tmp_path / "teacher")
+        cfg = compose_train([*base, *data_overrides(data_cfg, fake_data), f"model.teacher_ckpt={teacher}"])
+    if cfg.model.net._target_ == "src.nas.front.front_member_net":  # a one-member Pareto front to train from
+        from src.nas.evolution import random_genotype
+        from src.nas.front import write_json
+
+        front = write_json([{"member": random_genotype(0).to_string(), "val_acc": 0.5}], tmp_path / "front.json")
+        cfg = compose_train([*base, *data_overrides(data_cfg, fake_data), f"model.net.front={front}"])
     assert not cfg.get("logger")
     if "download" in cfg.data:
         assert cfg.data.download is False

@@ -26,11 +26,15 @@ from torchvision.transforms import v2
 from src.augment.pipeline import Augmentation
 from src.datamodules.device_loader import DeviceBatches
 from src.datamodules.sampling import ClassBalancedSampler, check_sampler, epoch_size, split_labels
+from src.datamodules.unlabeled import UnlabeledImages, join_parts, load_pool, with_unlabeled
 from src.utils.errors import AutoclsError
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# With `search_split` (DARTS-style search), the train split is also held as two disjoint halves: one
+# trains the network weights, the other the architecture parameters.
+SEARCH_HALVES = ("search_weights", "search_arch")
 
 
 @dataclass
@@ -73,9 +77,16 @@ class ClassificationDataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         seed: int = 0,
         sampler: str | None = None,
+        search_split: float | None = None,
+        unlabeled: UnlabeledImages | None = None,
     ) -> None:
         super().__init__()
         check_sampler(sampler)
+        if search_split is not None and not 0.0 < search_split < 1.0:
+            raise AutoclsError(
+                f"data.search_split={search_split} must be between 0 and 1 (the fraction of the train split that "
+                "trains the weights, 0.5 in DARTS), or null for an ordinary training run."
+            )
         if len(mean) != in_chans or len(std) != in_chans:
             raise AutoclsError(
                 f"data.mean and data.std need {in_chans} values (one per channel, data.in_chans={in_chans}), "
@@ -89,6 +100,19 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.augmentation = augmentation or Augmentation()
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
         self.sampler = sampler  # how training epochs are drawn (class re-balancing); see sampling.py
+        # architecture search (DARTS): train batches come as {"weights": ..., "arch": ...} from two
+        # fixed, stratified, disjoint parts of the train split; see train_dataloader
+        self.search_split = search_split
+        # images without labels mixed into training batches for distillation (SSLD); see unlabeled.py
+        self.unlabeled = unlabeled
+        self._unlabeled_pool: TensorSplit | FileSplit | None = None
+        if unlabeled is not None and self.augmentation.mixing is not None:
+            raise AutoclsError(
+                "data.unlabeled cannot be combined with batch mixing (Mixup/CutMix), which would blend unlabeled "
+                "images into labelled targets; set augmentation.mixing=null or remove data.unlabeled."
+            )
+        if unlabeled is not None and search_split is not None:
+            raise AutoclsError("data.unlabeled is for distillation, not architecture search; remove data.unlabeled or data.search_split.")
         self.class_names: list[str] | None = None
         self.splits: dict[str, TensorSplit | FileSplit] = {}
         self.skipped_files: list = []  # SkippedFile records, written to the run dir by the train task
@@ -124,6 +148,8 @@ class ClassificationDataModule(pl.LightningDataModule):
             "class_names": list(self.class_names or [str(i) for i in range(self.num_classes)]),
             "in_chans": self.in_chans,
             "image_size": self.image_size,
+            # the eval crop (resize to image_size / crop_pct, centre square): prediction repeats it
+            "crop_pct": self.crop_pct,
             "mean": list(self.mean),
             "std": list(self.std),
         }
@@ -143,12 +169,22 @@ class ClassificationDataModule(pl.LightningDataModule):
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise RuntimeError(f"{len(self.class_names)} class names for {self.num_classes} classes")
         self.splits = splits
+        if self.search_split is not None:
+            self.splits.update(zip(SEARCH_HALVES, _split_in_two(splits["train"], self.search_split, self.seed)))
         sizes = ", ".join(f"{k}={len(v)}" for k, v in splits.items())
         kind = "in memory" if isinstance(splits["train"], TensorSplit) else "streamed from disk"
         log.info(f"{type(self).__name__}: {self.num_classes} classes, {sizes} images ({kind})")
 
     def train_dataloader(self):
-        return self._loader("train", shuffle=True)
+        if self.search_split is None:
+            loader = self._loader("train", shuffle=True)
+            # data.unlabeled: {"labelled": batch, "unlabeled": batch} pairs, joined in on_after_batch_transfer
+            return loader if self.unlabeled is None else with_unlabeled(self, loader)
+        from pytorch_lightning.utilities import CombinedLoader
+
+        # one batch from each half per step; the epoch ends with the shorter half
+        weights, arch = (self._loader(name, shuffle=True) for name in SEARCH_HALVES)
+        return CombinedLoader({"weights": weights, "arch": arch}, mode="min_size")
 
     def val_dataloader(self):
         return self._loader("val", shuffle=False)
@@ -159,16 +195,42 @@ class ClassificationDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """uint8 batch on the device -> (augmented) normalised float batch; training batches may be
         mixed (Mixup/CutMix), which turns their labels into probability targets."""
+        if isinstance(batch, dict) and "unlabeled" in batch:  # data.unlabeled: one batch, labelled images first
+            batch = join_parts(batch)
+        if isinstance(batch, dict):  # a search step's {"weights": batch, "arch": batch}: each augmented alike
+            return {key: self.on_after_batch_transfer(part, dataloader_idx) for key, part in batch.items()}
         images, labels = batch
         images = images.float().div_(255)
+        if images.ndim == 5:  # streamed multi-view samples (B, V, C, H, W): views stacked as on the device
+            images = images.transpose(0, 1).flatten(0, 1)
         trainer = self.trainer
         training = trainer is not None and trainer.training
-        if training and isinstance(self.splits.get("train"), TensorSplit):
+        if training and self.augments_on_device:
             images = self.augmentation(images)
         images = self.normalize(images)
         if training:  # mixing needs the whole batch, so streamed batches are mixed here too
             images, labels = self.augmentation.mix(images, labels, self.num_classes)
         return images, labels
+
+    def unlabeled_pool(self, device: torch.device | None = None) -> TensorSplit | FileSplit:
+        """The `data.unlabeled` images (labels -1), read on first use (training needs them, evaluation
+        never); in-memory ones moved to `device` once."""
+        if self._unlabeled_pool is None:
+            pool, skipped = load_pool(self.unlabeled, self.splits["train"], self.image_size, self.in_chans,
+                                      getattr(self, "decode_threads", 0))
+            self.skipped_files.extend(skipped)
+            self._unlabeled_pool = pool
+            log.info(f"Unlabeled images: {len(pool)} ({self.unlabeled.describe()})")
+        pool = self._unlabeled_pool
+        if device is not None and isinstance(pool, TensorSplit) and pool.images.device != device:
+            pool = self._unlabeled_pool = TensorSplit(pool.images.to(device), pool.labels.to(device))
+        return pool
+
+    @property
+    def augments_on_device(self) -> bool:
+        """Whether training batches arrive un-augmented, to be augmented here per batch (in-memory data;
+        streamed images were augmented per sample by the workers)."""
+        return isinstance(self.splits.get("train"), TensorSplit)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         key = (images.device, images.dtype)
@@ -186,7 +248,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         if not self.splits:
             self.setup()
         split = self.splits[name]
-        batch_size = self.batch_size if name == "train" else self.eval_batch_size
+        batch_size = self.batch_size if _is_training_split(name) else self.eval_batch_size
         if isinstance(split, TensorSplit):
             return self._device_batches(name, split, batch_size, shuffle)
         return self._file_loader(name, split, batch_size, shuffle)
@@ -204,7 +266,8 @@ class ClassificationDataModule(pl.LightningDataModule):
             batch_size=batch_size,
             shuffle=shuffle,
             drop_last=shuffle and epoch_size(split.labels, sampler) > batch_size,
-            seed=self.seed,
+            # the arch half gets its own order, so the same weight/arch images do not meet every epoch
+            seed=self.seed + (1 if name == "search_arch" else 0),
             progress_fn=self._train_progress if shuffle else (lambda: (0, 0)),
             rank=rank,
             world_size=world,
@@ -220,21 +283,26 @@ class ClassificationDataModule(pl.LightningDataModule):
         done = epoch_loop.batch_progress.current.completed if epoch_loop.restarting else 0
         return trainer.current_epoch, done
 
-    def _file_loader(self, name: str, split: FileSplit, batch_size: int, shuffle: bool) -> DataLoader:
+    def _file_dataset(self, name: str, split: FileSplit):
+        """(dataset, collate_fn) of a streamed split: decoded and transformed per sample in the workers."""
         from src.datamodules.image_files import ImageFileDataset, collate_skip_none
 
-        if name == "train":
+        if _is_training_split(name):
             transform = self.augmentation.sample_transform(self.image_size)
         else:
             # the standard eval crop: shorter side to image_size / crop_pct, then the centre square
             resize = round(self.image_size / self.crop_pct)
             transform = v2.Compose([v2.Resize(resize), v2.CenterCrop(self.image_size), v2.PILToTensor()])
+        return ImageFileDataset(split.samples, transform=transform), collate_skip_none
+
+    def _file_loader(self, name: str, split: FileSplit, batch_size: int, shuffle: bool) -> DataLoader:
+        dataset, collate_fn = self._file_dataset(name, split)
         trainer = self.trainer
         # a sampler replaces the DataLoader's own shuffling (the two are mutually exclusive)
         sampler = ClassBalancedSampler(split_labels(split), self.sampler, self.seed) if shuffle and self.sampler else None
         epoch_samples = len(sampler) if sampler is not None else len(split)
         return DataLoader(
-            ImageFileDataset(split.samples, transform=transform),
+            dataset,
             batch_size=batch_size,
             shuffle=shuffle and sampler is None,
             sampler=sampler,
@@ -242,8 +310,25 @@ class ClassificationDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and trainer is not None and trainer.strategy.root_device.type == "cuda",
             persistent_workers=self.num_workers > 0,
-            collate_fn=collate_skip_none,
+            collate_fn=collate_fn,
         )
+
+
+def _is_training_split(name: str) -> bool:
+    return name == "train" or name in SEARCH_HALVES
+
+
+def _split_in_two(split: TensorSplit | FileSplit, fraction: float, seed: int) -> tuple:
+    """(first, second): a stratified, seeded partition of `split` with `fraction` of it in the first."""
+    first, second = stratified_split(split_labels(split), 1.0 - fraction, seed)
+    if not len(first) or not len(second):
+        raise AutoclsError(
+            f"data.search_split={fraction} leaves one part of the {len(split)} training images empty; "
+            "use a fraction nearer 0.5 or more data."
+        )
+    if isinstance(split, TensorSplit):
+        return TensorSplit(split.images[first], split.labels[first]), TensorSplit(split.images[second], split.labels[second])
+    return FileSplit([split.samples[i] for i in first]), FileSplit([split.samples[i] for i in second])
 
 
 def stratified_split(labels: torch.Tensor, fraction: float | int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

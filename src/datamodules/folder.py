@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 
 from src.datamodules.base import ClassificationDataModule, FileSplit, TensorSplit, resolve_dir, train_val_test_split
+from src.datamodules.decode_cache import cached_decode
+from src.datamodules.gpu_jpeg import EncodedBatch, EncodedImageDataset, collate_encoded, decode_batch
 from src.datamodules.image_files import (
     decode_to_tensor,
     read_class_names,
@@ -33,7 +35,10 @@ class FileDataModule(ClassificationDataModule):
     `in_memory`: `true` decodes every split once into memory at `image_size` (train: shorter side
     resized to `image_size` and centre-cropped, so device augmentation sees the whole image; val/test:
     the eval crop with `crop_pct`); `false` streams; `auto` decodes when the decoded splits need at
-    most `max_memory_gb`.
+    most `max_memory_gb`. `decode_cache`: a folder where decoded splits are kept for later runs
+    (`src.datamodules.decode_cache`; null decodes every run), `decode_threads` (0: all cores) decode.
+    `gpu_decode`: streamed splits send JPEG bytes from the workers and decode them a batch at a time
+    on the GPU, then augment on the device (`src.datamodules.gpu_jpeg`; needs CUDA).
     """
 
     def __init__(
@@ -41,6 +46,8 @@ class FileDataModule(ClassificationDataModule):
         in_memory: bool | str = "auto",
         max_memory_gb: float = 4.0,
         decode_threads: int = 0,
+        decode_cache: str | None = None,
+        gpu_decode: bool = False,
         **kwargs,
     ) -> None:
         kwargs.setdefault("image_size", 224)
@@ -50,9 +57,36 @@ class FileDataModule(ClassificationDataModule):
         if in_memory not in (True, False, "auto"):
             raise AutoclsError(f"data.in_memory={in_memory!r} is not one of true, false, auto; pick one.")
         self.in_memory, self.max_memory_gb, self.decode_threads = in_memory, max_memory_gb, decode_threads
+        self.decode_cache, self.gpu_decode = decode_cache, gpu_decode
 
     def _sample_splits(self) -> dict[str, list[tuple[str, int]]]:
         raise NotImplementedError
+
+    # --- batch GPU JPEG decoding of streamed splits (data.gpu_decode) ---------------------------
+    @property
+    def augments_on_device(self) -> bool:
+        return super().augments_on_device or self.gpu_decode
+
+    def _file_dataset(self, name: str, split: FileSplit):
+        if not self.gpu_decode:
+            return super()._file_dataset(name, split)
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        if device.type != "cuda":
+            raise AutoclsError(
+                f"data.gpu_decode=true decodes JPEGs on a CUDA GPU but this run trains on {device.type}; "
+                "set data.gpu_decode=false (the DataLoader workers then decode on the CPU) or use trainer=gpu."
+            )
+        return EncodedImageDataset(split.samples), collate_encoded
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch
+        if isinstance(images, EncodedBatch):
+            training = self.trainer is not None and self.trainer.training
+            # train: the whole image at image_size (augmentation crops next), as in-memory data is stored
+            crop_pct = 1.0 if training else self.crop_pct
+            images, decoded = decode_batch(images, self.image_size, crop_pct, labels.device)
+            labels = labels[decoded]
+        return super().on_after_batch_transfer((images, labels), dataloader_idx)
 
     def _fits_in_memory(self, num_images: int) -> bool:
         if self.in_memory != "auto":
@@ -77,7 +111,12 @@ class FileDataModule(ClassificationDataModule):
         for name, split_samples in samples.items():
             if id(split_samples) not in decoded:
                 crop_pct = 1.0 if name == "train" else self.crop_pct
-                images, labels, skipped = decode_to_tensor(split_samples, self.image_size, crop_pct, self.decode_threads)
+                if self.decode_cache:
+                    images, labels, skipped = cached_decode(
+                        self.decode_cache, name, split_samples, self.image_size, crop_pct, self.decode_threads
+                    )
+                else:
+                    images, labels, skipped = decode_to_tensor(split_samples, self.image_size, crop_pct, self.decode_threads)
                 self.skipped_files.extend(skipped)
                 decoded[id(split_samples)] = TensorSplit(images, labels)
         return {name: decoded[id(s)] for name, s in samples.items()}
@@ -87,7 +126,8 @@ class ImageFolderDataModule(FileDataModule):
     """Images in class folders.
 
     `data_dir/train/<class>/*` with optional `val/` and `test/` beside it; without `val/`, a seeded
-    stratified `val_fraction` of train validates, and without `test/` the val split tests. A
+    stratified `val_fraction` of train validates (`val_fraction=0`: the test split validates, as
+    CIFAR's `val_size=0`), and without `test/` the val split tests. A
     `data_dir` that holds class folders directly is split into train/val/test by `val_fraction` and
     `test_fraction`. Non-image files are skipped and listed in the run directory.
     """
@@ -137,6 +177,8 @@ class ImageFolderDataModule(FileDataModule):
                                           test_fraction, self.split_seed)
         val = extra.get("val", val)
         test = extra.get("test", test if test else val)
+        if not val:  # val_fraction=0: all of train/ trains, and the test split validates
+            val = test
         return {"train": train, "val": val, "test": test}
 
 
