@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `src` without an installed package
 
-from src.utils.task import user_errors_as_messages  # noqa: E402
+from src.utils.task import user_errors_as_messages
 
 
 def lr_curve_for(overrides: list[str], steps_per_epoch: int) -> list[float]:

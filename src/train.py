@@ -12,7 +12,13 @@ from omegaconf import DictConfig
 
 from src.callbacks.run_metadata import RunMetadata
 from src.utils.checkpoints import check_compatible, load_checkpoint
-from src.utils.instantiate import build_callbacks, build_datamodule, build_loggers, config_to_dict, resolve_ckpt_path
+from src.utils.instantiate import (
+    build_callbacks,
+    build_datamodule,
+    build_loggers,
+    config_to_dict,
+    resolve_ckpt_path,
+)
 from src.utils.reporting import log_hyperparameters, report_metrics, write_skipped_files
 
 log = logging.getLogger(__name__)

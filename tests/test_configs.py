@@ -106,7 +106,7 @@ def test_channels_last_trains_and_predicts_like_the_default_layout(compose_train
     nhwc = train(compose_train(["trainer.max_epochs=2", "model.channels_last=true"], out=tmp_path / "nhwc"))
     assert nhwc["val/acc"] == pytest.approx(default["val/acc"], abs=0.02)
     assert nhwc["val/acc_best"] >= 0.9
-    conv = lambda d: next(v for v in torch.load(d / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"].values()  # noqa: E731
+    conv = lambda d: next(v for v in torch.load(d / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"].values()
                           if v.ndim == 4 and v.shape[1] > 1 and v.shape[-1] > 1)  # layouts differ only then
     assert conv(tmp_path / "nhwc").is_contiguous(memory_format=torch.channels_last)
     assert not conv(tmp_path / "nchw").is_contiguous(memory_format=torch.channels_last)

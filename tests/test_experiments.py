@@ -18,8 +18,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from omegaconf import OmegaConf
-
 from conftest import CONFIGS
 from fake_datasets import (
     CIFAR10_CLASSES,
@@ -28,6 +26,7 @@ from fake_datasets import (
     make_fake_cifar,
     make_fake_flowers102,
 )
+from omegaconf import OmegaConf
 from teacher_checkpoints import stand_in_teacher
 
 from src.datamodules.cifar import CIFARDataModule

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cifar_jpg import CIFAR10_CLASSES, cifar_jpg_archive, extract_cifar_jpg_subset
 from PIL import Image
 
-from cifar_jpg import CIFAR10_CLASSES, cifar_jpg_archive, extract_cifar_jpg_subset  # noqa: E402
-from src.datamodules.image_files import (  # noqa: E402
+from src.datamodules.image_files import (
     IMAGE_EXTENSIONS,
     ImageFileDataset,
     SkippedFile,
@@ -24,7 +24,7 @@ from src.datamodules.image_files import (  # noqa: E402
     scan_class_folders,
     write_skipped,
 )
-from src.utils.errors import AutoclsError  # noqa: E402
+from src.utils.errors import AutoclsError
 
 # --------------------------------------------------------------------------------------------
 # Helpers and fixtures

@@ -75,7 +75,7 @@ def test_focal_down_weights_easy_examples():
     """The (1 - p)^gamma factor: a confidently right example loses far more of its loss than a wrong one."""
     easy, hard = torch.tensor([[6.0, 0.0]]), torch.tensor([[0.0, 2.0]])
     target = torch.tensor([0])
-    ratio = lambda x: (FocalLoss(gamma=2.0)(x, target) / CrossEntropyLoss()(x, target)).item()  # noqa: E731
+    ratio = lambda x: (FocalLoss(gamma=2.0)(x, target) / CrossEntropyLoss()(x, target)).item()
     assert ratio(easy) < 1e-4 < 0.5 < ratio(hard)
 
 

@@ -120,7 +120,7 @@ def test_unsupported_depth_lists_supported(depth):
 # --- timm ---------------------------------------------------------------------------------------
 
 timm = pytest.importorskip("timm")
-from src.models.timm_net import create_timm_net  # noqa: E402  (after the importorskip)
+from src.models.timm_net import create_timm_net
 
 TINY = "resnet10t"
 

@@ -15,13 +15,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from hydra.utils import instantiate
+from lr_steps import run_steps
 from torch import nn
 
 from src.models.resnet_cifar import resnet_cifar
 from src.optim.optimizers import OPTIMIZERS, build_optimizer, global_batch_from
 from src.train import train
 from src.utils.errors import AutoclsError, find_user_error
-from lr_steps import run_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULERS = sorted(p.stem for p in (ROOT / "configs" / "scheduler").glob("*.yaml"))

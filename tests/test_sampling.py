@@ -9,7 +9,12 @@ from PIL import Image
 from src.datamodules.device_loader import DeviceBatches
 from src.datamodules.digits import DigitsDataModule
 from src.datamodules.folder import ImageFolderDataModule
-from src.datamodules.sampling import ClassBalancedSampler, epoch_indices, epoch_size, label_counts
+from src.datamodules.sampling import (
+    ClassBalancedSampler,
+    epoch_indices,
+    epoch_size,
+    label_counts,
+)
 from src.train import train
 from src.utils.errors import AutoclsError
 
@@ -51,7 +56,7 @@ def test_undersampled_epoch_takes_min_count_of_every_class_without_duplicates(la
 
 @pytest.mark.parametrize("sampler", [None, "oversample", "undersample"])
 def test_same_seed_and_epoch_give_the_same_indices(labels, sampler):
-    draw = lambda seed, epoch: epoch_indices(labels, sampler, seed, epoch)  # noqa: E731
+    draw = lambda seed, epoch: epoch_indices(labels, sampler, seed, epoch)
     assert torch.equal(draw(3, 2), draw(3, 2))
     assert not torch.equal(draw(3, 2), draw(3, 3))
     assert not torch.equal(draw(3, 2), draw(4, 2))

@@ -9,7 +9,6 @@ import signal
 import pytest
 import pytorch_lightning as pl
 import torch
-
 from omegaconf import open_dict
 
 from src.callbacks.finite_loss import NonFiniteLossError
@@ -83,7 +82,7 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(compose_train, 
     resumed = train(compose_train(resume, out=tmp_path / "resumed"))
     for key in RESUME_KEYS:
         assert resumed[key] == pytest.approx(full[key], abs=1e-6), key
-    final = lambda d: torch.load(d / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]  # noqa: E731
+    final = lambda d: torch.load(d / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     for name, value in final(tmp_path / "full").items():
         torch.testing.assert_close(final(tmp_path / "resumed")[name], value, rtol=0, atol=1e-6, msg=name)
 

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from lr_steps import run_steps
 from PIL import Image
 from torch import nn
 from torch.nn import functional as F
@@ -24,7 +25,6 @@ from src.datamodules.digits import DigitsDataModule
 from src.losses.cross_entropy import CrossEntropyLoss
 from src.optim.schedulers import WarmupCosineLR
 from src.utils.errors import AutoclsError
-from lr_steps import run_steps
 
 # --- DeviceBatches -----------------------------------------------------------------------------
 

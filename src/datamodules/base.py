@@ -14,9 +14,9 @@ Either way a batch reaches the model as normalised float images, and `num_classe
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -25,8 +25,18 @@ from torchvision.transforms import v2
 
 from src.augment.pipeline import Augmentation
 from src.datamodules.device_loader import DeviceBatches
-from src.datamodules.sampling import ClassBalancedSampler, check_sampler, epoch_size, split_labels
-from src.datamodules.unlabeled import UnlabeledImages, join_parts, load_pool, with_unlabeled
+from src.datamodules.sampling import (
+    ClassBalancedSampler,
+    check_sampler,
+    epoch_size,
+    split_labels,
+)
+from src.datamodules.unlabeled import (
+    UnlabeledImages,
+    join_parts,
+    load_pool,
+    with_unlabeled,
+)
 from src.utils.errors import AutoclsError
 
 log = logging.getLogger(__name__)
@@ -331,7 +341,7 @@ def _split_in_two(split: TensorSplit | FileSplit, fraction: float, seed: int) ->
     return FileSplit([split.samples[i] for i in first]), FileSplit([split.samples[i] for i in second])
 
 
-def stratified_split(labels: torch.Tensor, fraction: float | int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (keep, held_out) with `fraction` of the images held out (or exactly that many when
     `fraction` >= 1), spread over the classes in proportion to their sizes and chosen by `seed`: the
     same split on every run and machine."""

@@ -7,7 +7,7 @@ copies and collation from every step, which is what makes short AutoML trials fa
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 

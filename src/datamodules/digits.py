@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from src.datamodules.base import ClassificationDataModule, TensorSplit, train_val_test_split
+from src.datamodules.base import (
+    ClassificationDataModule,
+    TensorSplit,
+    train_val_test_split,
+)
 
 
 class DigitsDataModule(ClassificationDataModule):

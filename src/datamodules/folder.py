@@ -11,9 +11,20 @@ from pathlib import Path
 
 import torch
 
-from src.datamodules.base import ClassificationDataModule, FileSplit, TensorSplit, resolve_dir, train_val_test_split
+from src.datamodules.base import (
+    ClassificationDataModule,
+    FileSplit,
+    TensorSplit,
+    resolve_dir,
+    train_val_test_split,
+)
 from src.datamodules.decode_cache import cached_decode
-from src.datamodules.gpu_jpeg import EncodedBatch, EncodedImageDataset, collate_encoded, decode_batch
+from src.datamodules.gpu_jpeg import (
+    EncodedBatch,
+    EncodedImageDataset,
+    collate_encoded,
+    decode_batch,
+)
 from src.datamodules.image_files import (
     decode_to_tensor,
     read_class_names,

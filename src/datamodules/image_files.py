@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from PIL import Image, ImageOps
@@ -534,5 +535,4 @@ def write_skipped(skipped: Sequence[SkippedFile], path: str | os.PathLike[str]) 
 
     with open(path, "w", encoding="utf-8") as f:
         f.write("path\treason\n")
-        for item in skipped:
-            f.write(f"{clean(item.path)}\t{clean(item.reason)}\n")
+        f.writelines(f"{clean(item.path)}\t{clean(item.reason)}\n" for item in skipped)

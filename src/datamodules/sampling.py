@@ -21,7 +21,7 @@ Indices are computed on the CPU so the order is the same on every device.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler

@@ -10,7 +10,7 @@ loss says so with `wants_class_counts` and `ClassifierLitModule.setup` hands it 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 from torch.optim import Optimizer

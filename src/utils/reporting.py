@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_only
 from omegaconf import DictConfig
+from pytorch_lightning.utilities import rank_zero_only
 
 from src.utils.instantiate import config_to_dict
 
