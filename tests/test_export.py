@@ -45,6 +45,25 @@ def _timm(name):
     return lambda: create_timm_net(name, num_classes=10, in_chans=3)
 
 
+def _darts(genotype):
+    from src.models.darts_net import NetworkCIFAR
+
+    # the paper's cell at toy width/depth: same ops and wiring, seconds to export
+    return lambda: NetworkCIFAR(C=8, num_classes=10, layers=5, auxiliary=True, genotype=genotype)
+
+
+def _encoded_resnet():
+    from src.models.encoded_resnet import EncodedResNet
+
+    return EncodedResNet("1x8-1x16s2-1x32s2", num_classes=10)
+
+
+def _speedrun():
+    from src.models.speedrun_net import SpeedrunNet
+
+    return SpeedrunNet(num_classes=10, in_chans=3, widths=[16, 32, 32], whiten_kernel=2, bn_momentum=0.6, bn_eps=1e-12, logit_scale=1 / 9)
+
+
 # Every network family the project has: name -> (factory, input shape). A new family (DARTS, CARS
 # eval nets, ...) is one line here; its export must match PyTorch within 1e-4 in onnxruntime.
 NET_FAMILIES = {
@@ -53,6 +72,10 @@ NET_FAMILIES = {
     "resnet_cifar18": (_resnet_cifar(18), (3, 32, 32)),
     "timm_mobilenetv3": (_timm("mobilenetv3_small_050"), (3, 32, 32)),
     "timm_resnet18": (_timm("resnet18"), (3, 32, 32)),
+    "darts_v2": (_darts("DARTS_V2"), (3, 32, 32)),
+    "pc_darts": (_darts("PC_DARTS"), (3, 32, 32)),
+    "encoded_resnet": (_encoded_resnet, (3, 32, 32)),
+    "speedrun": (_speedrun, (3, 32, 32)),
 }
 
 
