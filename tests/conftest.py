@@ -43,6 +43,18 @@ def compose_eval(tmp_path):
     return lambda overrides=(), out=None: compose_config("eval.yaml", out or tmp_path, list(overrides))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny nets run thousands of small ops: a second intra-op thread gains nothing on them, and on a
+    busy 2-core machine its synchronisation costs ~30x (measured: 0.3 s vs 10 s per search step)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _clear_hydra():
     yield

@@ -19,15 +19,8 @@ from src.nas.genotypes import (
 )
 from src.utils.errors import AutoclsError, find_user_error
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny nets run thousands of small ops: a second intra-op thread gains nothing on them, and on a
-    busy 2-core machine its synchronisation costs ~30x (measured: 0.3 s vs 10 s per search step)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny NAS nets: one intra-op thread (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 DARTS_V2_STRING = (  # as printed by the DARTS code (genotype() builds the concats with range)
