@@ -53,7 +53,7 @@ from src.nas.evolution import (
     rng_state,
     sample_population,
 )
-from src.nas.pareto import SELECTIONS, front_ranks, pareto_front, select_survivors
+from src.nas.pareto import SELECTIONS, pareto_front, select_survivors
 from src.utils.errors import AutoclsError
 
 log = logging.getLogger(__name__)
@@ -308,23 +308,10 @@ class BackboneNasLitModule(pl.LightningModule):
         self.generation += 1
 
     def _write_generation(self, candidates, n_parents, accuracy, costs, kept: set, front_idx) -> None:
-        ranks = front_ranks(np.column_stack([-accuracy, [[c[o] for o in self.objectives] for c in costs]]))
-        rows = [
-            {
-                "member": e.to_string(),
-                "val_acc": float(accuracy[i]),
-                **{k: round(v, 6) for k, v in costs[i].items()},
-                "rank": int(ranks[i]),
-                "selected": i in kept,
-                "origin": "parent" if i < n_parents else "new",
-            }
-            for i, e in enumerate(candidates)
-        ]
-        front = [rows[i] for i in front_idx]
         g, out = self.generation, self.out_dir
-        front_io.write_csv(rows, out / f"population_{g:03d}.csv")
-        front_io.write_csv(front, out / f"front_{g:03d}.csv")
-        front_io.plot_front(rows, front, out / f"front_{g:03d}.png", self.objectives[0], f"BackboneNAS generation {g}")
+        front = front_io.write_population(
+            out, g, candidates, accuracy, costs, self.objectives, kept, front_idx, n_parents, "new", f"BackboneNAS generation {g}"
+        )
         front_io.write_json(
             [{k: v for k, v in r.items() if k not in ("rank", "selected", "origin")} for r in front],
             out / "pareto_front.json",

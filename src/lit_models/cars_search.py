@@ -60,7 +60,7 @@ from src.nas.latency_table import (
     build_latency_table,
     build_param_table,
 )
-from src.nas.pareto import SELECTIONS, front_ranks, pareto_front, select_survivors
+from src.nas.pareto import SELECTIONS, pareto_front, select_survivors
 from src.utils.errors import AutoclsError
 
 log = logging.getLogger(__name__)
@@ -350,23 +350,9 @@ class CarsSearchLitModule(pl.LightningModule):
 
     def _write_epoch(self, candidates, n_parents: int, accuracy, costs, kept: set, front_idx) -> None:
         epoch = self.current_epoch
-        ranks = front_ranks(np.column_stack([-accuracy, [[c[o] for o in self.objectives] for c in costs]]))
-        rows = [
-            {
-                "member": g.to_string(),
-                "val_acc": float(accuracy[i]),
-                **{k: round(v, 6) for k, v in costs[i].items()},
-                "rank": int(ranks[i]),
-                "selected": i in kept,
-                "origin": "parent" if i < n_parents else "offspring",
-            }
-            for i, g in enumerate(candidates)
-        ]
-        front = [rows[i] for i in front_idx]
-        out = self.out_dir
-        front_io.write_csv(rows, out / f"population_{epoch:03d}.csv")
-        front_io.write_csv(front, out / f"front_{epoch:03d}.csv")
-        front_io.plot_front(rows, front, out / f"front_{epoch:03d}.png", self.objectives[0], f"CARS epoch {epoch}")
+        front = front_io.write_population(
+            self.out_dir, epoch, candidates, accuracy, costs, self.objectives, kept, front_idx, n_parents, "offspring", f"CARS epoch {epoch}"
+        )
         self._write_front_json(front, epoch)
 
     def _write_front_json(self, rows: list[dict], epoch: int) -> None:

@@ -130,3 +130,34 @@ def front_member_net(front: str | None = None, member: int | str = "best_acc", g
         row = pick_member(load_front(front), member, origin=f"front {front}")
         genotype = row["member"]
     return NetworkCIFAR(genotype=genotype, **net_kwargs)
+
+
+def write_population(
+    out_dir: Path, step: int, members: Sequence, accuracy, costs: Sequence[dict], objectives: Sequence[str],
+    kept: set, front_idx, n_parents: int, new_origin: str, title: str,
+) -> list[dict]:
+    """One search step's files: every candidate as a row (`population_<step>.csv`, with its
+    non-domination rank, whether selection kept it, and whether it is a parent or new), the Pareto
+    front (`front_<step>.csv`, `front_<step>.png` over the first cost objective). Returns the front's
+    rows. Shared by CARS and BackboneNAS, whose members differ only in `to_string()`."""
+    import numpy as np
+
+    from src.nas.pareto import front_ranks
+
+    ranks = front_ranks(np.column_stack([-np.asarray(accuracy), [[c[o] for o in objectives] for c in costs]]))
+    rows = [
+        {
+            "member": m.to_string(),
+            "val_acc": float(accuracy[i]),
+            **{k: round(v, 6) for k, v in costs[i].items()},
+            "rank": int(ranks[i]),
+            "selected": i in kept,
+            "origin": "parent" if i < n_parents else new_origin,
+        }
+        for i, m in enumerate(members)
+    ]
+    front = [rows[i] for i in front_idx]
+    write_csv(rows, Path(out_dir) / f"population_{step:03d}.csv")
+    write_csv(front, Path(out_dir) / f"front_{step:03d}.csv")
+    plot_front(rows, front, Path(out_dir) / f"front_{step:03d}.png", objectives[0], title)
+    return front
