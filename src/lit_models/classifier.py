@@ -162,13 +162,9 @@ class ClassifierLitModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         from src.optim.optimizers import global_batch_from
+        from src.optim.schedulers import per_step_scheduler
 
         optimizer = self.hparams.optimizer(self.net, global_batch_size=global_batch_from(self.trainer))
         if self.hparams.scheduler is None:
             return {"optimizer": optimizer}
-        total_steps = self.trainer.estimated_stepping_batches
-        epochs = max(1, self.trainer.max_epochs or 1)
-        scheduler = self.hparams.scheduler(
-            optimizer=optimizer, total_steps=total_steps, steps_per_epoch=max(1, total_steps // epochs)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": per_step_scheduler(self.hparams.scheduler, optimizer, self.trainer)}

@@ -224,18 +224,14 @@ class DartsSearchLitModule(pl.LightningModule):
     # --- optimisers and state ------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         from src.optim.optimizers import global_batch_from
+        from src.optim.schedulers import per_step_scheduler
 
         # the weight optimizer sees the submodules only, never the architecture parameters
         weight_opt = self.hparams.optimizer(self.net.weight_modules(), global_batch_size=global_batch_from(self.trainer))
         arch_opt = self.hparams.arch_optimizer(self.net.arch_parameters())
         if self.hparams.scheduler is None:
             return [weight_opt, arch_opt]
-        total_steps = self.trainer.estimated_stepping_batches
-        epochs = max(1, self.trainer.max_epochs or 1)
-        scheduler = self.hparams.scheduler(
-            optimizer=weight_opt, total_steps=total_steps, steps_per_epoch=max(1, total_steps // epochs)
-        )
-        return [weight_opt, arch_opt], [{"scheduler": scheduler, "interval": "step"}]
+        return [weight_opt, arch_opt], [per_step_scheduler(self.hparams.scheduler, weight_opt, self.trainer)]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["darts_genotype_history"] = list(self.history)

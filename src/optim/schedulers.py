@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
@@ -274,3 +274,12 @@ def lr_curve(optimizer: Optimizer, scheduler: LRScheduler | None, steps: int) ->
             if scheduler is not None:
                 scheduler.step()
     return lrs
+
+
+def per_step_scheduler(scheduler: Callable, optimizer, trainer) -> dict:
+    """A scheduler partial of the `scheduler` config group built for this run's step counts, as
+    Lightning's per-step `lr_scheduler` entry (what every LightningModule here returns)."""
+    total_steps = trainer.estimated_stepping_batches
+    epochs = max(1, trainer.max_epochs or 1)
+    built = scheduler(optimizer=optimizer, total_steps=total_steps, steps_per_epoch=max(1, total_steps // epochs))
+    return {"scheduler": built, "interval": "step"}
