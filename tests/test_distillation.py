@@ -337,6 +337,19 @@ def test_unlabeled_folder_in_memory_and_streamed(tmp_path):
         assert labels[:4].min() >= 0 and (labels[4:] == UNLABELED).all()
         assert len(datamodule.unlabeled_pool()) == 5
         assert [s.path for s in datamodule.skipped_files] == [str(tmp_path / "extra" / "notes.txt")]
+        # the data module's own transfer hook joins the pair (a folder module once mistook the dict for a tuple)
+        raw = next(iter(datamodule.train_dataloader()))
+        raw = raw[0] if isinstance(raw, tuple) and isinstance(raw[0], dict) else raw
+        x, y = datamodule.on_after_batch_transfer(raw, 0)
+        assert x.dtype == torch.float32 and x.shape == (6, 3, 8, 8) and (y[4:] == UNLABELED).all()
+    # a DARTS-style search on a folder: {"weights": batch, "arch": batch}, each part normalised
+    datamodule = ImageFolderDataModule(data_dir=str(tmp_path / "data"), image_size=8, batch_size=2, val_fraction=0.25,
+                                       num_workers=0, search_split=0.5)
+    datamodule.setup()
+    raw = next(iter(datamodule.train_dataloader()))
+    raw = raw[0] if isinstance(raw, tuple) and isinstance(raw[0], dict) else raw
+    halves = datamodule.on_after_batch_transfer(raw, 0)
+    assert set(halves) == {"weights", "arch"} and all(x.dtype == torch.float32 for x, _ in halves.values())
 
 
 def test_unlabeled_data_misuse_is_one_sentence(compose_train, tmp_path):

@@ -206,10 +206,10 @@ class ClassificationDataModule(pl.LightningDataModule):
         """uint8 batch on the device -> (augmented) normalised float batch; training batches may be
         mixed (Mixup/CutMix), which turns their labels into probability targets."""
         if isinstance(batch, dict) and "unlabeled" in batch:  # data.unlabeled: one batch, labelled images first
-            batch = join_parts(batch)
+            batch = join_parts({key: self._decoded(part) for key, part in batch.items()})
         if isinstance(batch, dict):  # a search step's {"weights": batch, "arch": batch}: each augmented alike
             return {key: self.on_after_batch_transfer(part, dataloader_idx) for key, part in batch.items()}
-        images, labels = batch
+        images, labels = self._decoded(batch)
         images = images.float().div_(255)
         if images.ndim == 5:  # streamed multi-view samples (B, V, C, H, W): views stacked as on the device
             images = images.transpose(0, 1).flatten(0, 1)
@@ -221,6 +221,15 @@ class ClassificationDataModule(pl.LightningDataModule):
         if training:  # mixing needs the whole batch, so streamed batches are mixed here too
             images, labels = self.augmentation.mix(images, labels, self.num_classes)
         return images, labels
+
+    def decode_on_device(self, images, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images as a uint8 tensor batch. They already are, except where a subclass moves decoding
+        onto the device (the folder modules' `data.gpu_decode`); it overrides this, not
+        `on_after_batch_transfer`, so the joined and split batch kinds above get decoded per part."""
+        return images, labels
+
+    def _decoded(self, part):
+        return None if part is None else self.decode_on_device(*part)
 
     def unlabeled_pool(self, device: torch.device | None = None) -> TensorSplit | FileSplit:
         """The `data.unlabeled` images (labels -1), read on first use (training needs them, evaluation

@@ -89,15 +89,14 @@ class FileDataModule(ClassificationDataModule):
             )
         return EncodedImageDataset(split.samples), collate_encoded
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        images, labels = batch
+    def decode_on_device(self, images, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(images, EncodedBatch):
             training = self.trainer is not None and self.trainer.training
             # train: the whole image at image_size (augmentation crops next), as in-memory data is stored
             crop_pct = 1.0 if training else self.crop_pct
             images, decoded = decode_batch(images, self.image_size, crop_pct, labels.device)
             labels = labels[decoded]
-        return super().on_after_batch_transfer((images, labels), dataloader_idx)
+        return images, labels
 
     def _fits_in_memory(self, num_images: int) -> bool:
         if self.in_memory != "auto":
