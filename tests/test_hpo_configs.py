@@ -28,7 +28,7 @@ def _compose(overrides: list[str]):
 
 def test_the_documented_searches_exist():
     assert {"digits_tpe", "cifar10_tpe", "cifar10_asha", "cifar10_bohb", "transfer_grid", "transfer_tpe",
-            "cifar10_latency_mo"} <= set(SEARCHES)
+            "cifar10_latency_mo", "cifar10_prune_mo", "digits_prune_mo"} <= set(SEARCHES)
 
 
 @pytest.mark.parametrize("name", SEARCHES)

@@ -256,3 +256,24 @@ def test_multi_objective_sweep_of_accuracy_and_measured_latency(tmp_path):
         a, lat = p["values"]["val/acc_best"], p["values"]["deploy/latency_ms"]
         assert not any(float(r["val/acc_best"]) > a and float(r["deploy/latency_ms"]) < lat for r in rows)
     assert (sweep_dir / "pareto_front.png").is_file()
+
+
+def test_enqueued_points_run_first_once_and_bad_keys_are_one_sentence(tmp_path):
+    """hydra.sweeper.enqueue: the given points are the study's first trials; a rerun with a larger budget
+    does not queue them again; a key outside the search space is one sentence."""
+    space = ["hydra/sweeper/sampler=random", "optimizer.lr=choice(0.1,0.01,0.001)", "model.net.width=choice(4,8)",
+             "+hydra.sweeper.enqueue=[{optimizer.lr:0.001,model.net.width:4},{optimizer.lr:0.1,model.net.width:8}]"]
+    result = run_sweep(tmp_path, "hydra.sweeper.n_trials=2", *space)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = tmp_path / "train" / "hpo" / "digits_tpe"
+    enqueued = [{"optimizer.lr": 0.001, "model.net.width": 4}, {"optimizer.lr": 0.1, "model.net.width": 8}]
+    assert [t.params for t in sorted(load_study(sweep_dir).trials, key=lambda t: t.number)] == enqueued
+    result = run_sweep(tmp_path, "hydra.sweeper.n_trials=3", *space)  # one more trial, the sampler's own
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = load_study(sweep_dir).trials
+    assert len(trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    (tmp_path / "bad").mkdir()
+    result = run_sweep(tmp_path / "bad", "hydra.sweeper.n_trials=1", *space[:3],
+                       "+hydra.sweeper.enqueue=[{optimizer.momentum:0.9}]")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "Error: hydra.sweeper.enqueue names optimizer.momentum, which the search space does not have" in result.stderr

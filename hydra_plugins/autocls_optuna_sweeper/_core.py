@@ -12,7 +12,8 @@ Resuming and sharing a study rest on three rules:
   pid, recorded on each trial) is gone.
 * Trials run in `<sweep dir>/<trial number>`, stable across reruns and workers.
 
-A crashing trial is recorded as FAIL with its one-line error and the sweep goes on; a pruned trial (the
+A crashing trial is recorded as FAIL with its one-line error and the sweep goes on, unless the error is a
+`ConfigError` (a mistake every trial would repeat: the sweep stops with its sentence); a pruned trial (the
 `OptunaPruning` callback tells the storage itself) stays PRUNED.
 """
 
@@ -47,7 +48,7 @@ from src.hpo.report import (
 from src.hpo.samplers import GridSearchSampler
 from src.hpo.search_space import SearchSpace, parse_search_space, value_text
 from src.hpo.storage import open_storage, storage_spec
-from src.utils.errors import AutoclsError, find_user_error
+from src.utils.errors import AutoclsError, ConfigError, find_user_error
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class OptunaSweep:
             raise AutoclsError("The search space is empty; add hydra.sweeper.params or sweep overrides such as "
                                "optimizer.lr=tag(log,interval(1e-4,1e-1)).")
         study = self._open_study(space)
+        self._enqueue(study, space)
         n_trials = self._n_trials(study, space)
         self._check_overrides_compose(space)
         self._reclaim_orphans(study)
@@ -172,6 +174,17 @@ class OptunaSweep:
         results = write_report(study, self.objectives, self.sweep_dir, verbatim=frozenset(space.verbatim))
         self._log_summary(results)
         return results
+
+    def _enqueue(self, study: optuna.Study, space: SearchSpace) -> None:
+        """`enqueue`: points the sampler does not choose, tried before its own (Optuna's enqueue_trial). A rerun
+        finds them tried or queued already and adds nothing."""
+        for point in self.settings.get("enqueue") or []:
+            point = OmegaConf.to_container(point) if isinstance(point, DictConfig) else dict(point)
+            unknown = sorted(set(point) - set(space.distributions))
+            if unknown:
+                raise AutoclsError(f"hydra.sweeper.enqueue names {', '.join(unknown)}, which the search space does not "
+                                   f"have; use keys of hydra.sweeper.params ({', '.join(sorted(space.distributions))}).")
+            study.enqueue_trial(point, skip_if_exists=True)
 
     def _n_trials(self, study: optuna.Study, space: SearchSpace) -> int:
         n_trials = self.settings.get("n_trials")
@@ -251,7 +264,7 @@ class OptunaSweep:
             # one line for the table (Hydra's InstantiationException spreads its cause over several)
             message = str(user_error) if user_error else " ".join(f"{type(error).__name__}: {error}".split())
             trial.set_user_attr("error", message[:500])
-            if isinstance(user_error, ObjectiveNotLoggedError):
+            if isinstance(user_error, ConfigError):  # every trial would repeat it: stop the sweep
                 trial.set_user_attr(CONFIG_ERROR, True)
                 study.tell(trial, state=TrialState.FAIL)
                 return user_error

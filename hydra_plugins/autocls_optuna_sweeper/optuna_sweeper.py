@@ -40,6 +40,9 @@ class AutoclsOptunaSweeperConf:
     # the search space: `key: choice(...) | range(...) | interval(...) | tag(log, interval(...)) | [a, b]`;
     # plain values are fixed overrides for every trial
     params: Any | None = None
+    # points to try first, each {key: value} over the keys of `params` (e.g. the unpruned base of a compression
+    # search, or a known-good recipe); a point the study has already tried is not queued again
+    enqueue: Any | None = None
 
 
 def _store(group: str, name: str, target: str, **kwargs: Any) -> None:

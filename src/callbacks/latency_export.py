@@ -10,6 +10,7 @@ import copy
 import json
 import logging
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -17,7 +18,12 @@ import torch
 from torch import nn
 
 from src.deploy.backends import DeployVariants, targets_from_config
-from src.deploy.latency import count_params_flops
+from src.deploy.latency import (
+    count_params_flops,
+    deterministic_algorithms_off,
+    ort_run,
+    ort_session,
+)
 from src.deploy.onnx_export import INPUT_NAME, OUTPUT_NAME, example_input
 from src.deploy.sidecar import write_sidecar
 from src.deploy.trained_net import net_state_dict
@@ -43,7 +49,10 @@ class LatencyExport(pl.Callback):
     4. `<output_dir>/latency.json` holds the results with `describe_machine()`, and
        `deploy/latency_ms` (median of the first target), `deploy/params_m`, `deploy/mflops` (FLOPs of
        one image, FlopCounterMode), and `deploy/latency_ms/<target>` for each target go to the
-       loggers and into `trainer.callback_metrics`, so `train()` returns them.
+       loggers and into `trainer.callback_metrics`, so `train()` returns them;
+    5. with `accuracy_split`, `deploy/acc` is the top-1 on that split of the model the first measured
+       target runs (the INT8 graph for an int8 target, through onnxruntime), so a search that trades
+       accuracy for speed scores a quantised model by its own accuracy, not its fp32 original's.
 
     Args:
         output_dir: Folder for model.onnx, model.json (and model.int8.onnx for int8 targets) and latency.json.
@@ -53,6 +62,8 @@ class LatencyExport(pl.Callback):
         calibration_images: Training images for INT8 calibration (used only by int8 targets).
         verify_atol: Largest allowed |onnxruntime - torch| on the export check.
         dynamo: PyTorch's torch.export-based ONNX exporter (false: the legacy TorchScript one).
+        accuracy_split: Data split (`val`, `test`) on which to score the deployed model (null: not scored).
+        accuracy_images: Score on this many images of it, drawn at random (seeded); null: all.
     """
 
     def __init__(
@@ -64,6 +75,8 @@ class LatencyExport(pl.Callback):
         calibration_images: int = 256,
         verify_atol: float = 1e-4,
         dynamo: bool = True,
+        accuracy_split: str | None = None,
+        accuracy_images: int | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.targets = targets_from_config(targets)  # unknown names fail now, not after training
@@ -71,6 +84,10 @@ class LatencyExport(pl.Callback):
             raise AutoclsError("callbacks.latency_export.targets is empty; list at least one target to measure.")
         self.warmup, self.repeats = warmup, repeats
         self.calibration_count, self.verify_atol, self.dynamo = calibration_images, verify_atol, dynamo
+        if accuracy_split not in (None, "train", "val", "test"):
+            raise AutoclsError(f"callbacks.latency_export.accuracy_split={accuracy_split} is not a data split; "
+                               "use val, test, train or null.")
+        self.accuracy_split, self.accuracy_images = accuracy_split, accuracy_images
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -108,10 +125,15 @@ class LatencyExport(pl.Callback):
             log.info(f"LatencyExport: {target.name} median {result.median_ms:.3f} ms, p90 {result.p90_ms:.3f} ms")
 
         metrics = {"deploy/params_m": params / 1e6, "deploy/mflops": flops / 1e6}
+        deployed = None
         if results:
             metrics["deploy/latency_ms"] = results[0][1].median_ms
             metrics.update({f"deploy/latency_ms/{t.name}": r.median_ms for t, r in results})
-        self._write_json(onnx_path, checkpoint, input_shape, params, flops, variants.max_abs_diff, results, skipped)
+            deployed = self._score_deployed(variants, results[0][0], datamodule)
+            if deployed.get("top1") is not None:
+                metrics["deploy/acc"] = deployed["top1"]
+        self._write_json(onnx_path, checkpoint, input_shape, params, flops, variants.max_abs_diff, results, skipped,
+                         deployed)
         self._report(trainer, metrics)
 
     # --- parts ----------------------------------------------------------------------------------
@@ -132,6 +154,31 @@ class LatencyExport(pl.Callback):
             log.info("LatencyExport: no best checkpoint; exporting the current weights")
         return net
 
+    def _score_deployed(self, variants: DeployVariants, target, datamodule) -> dict:
+        """The file the first measured target runs and, with `accuracy_split`, its top-1 there. Scored on
+        the CPU: the INT8 graph of an int8 target, the fp32 graph for other onnxruntime/TensorRT targets
+        (fp16 differs from it by rounding only), the eager (or torch.ao INT8) module for torch targets."""
+        from src.deploy.images import split_images, top1_accuracy
+
+        precision = "int8" if target.precision == "int8" else "fp32"
+        model_path = variants.onnx(precision) if target.backend != "torch" else None
+        deployed = {"target": target.name, "model": str(model_path) if model_path else None}
+        if not self.accuracy_split:
+            return deployed
+        if self.accuracy_split not in datamodule.splits:
+            raise AutoclsError(f"callbacks.latency_export.accuracy_split={self.accuracy_split} is not a split of "
+                               f"this data ({', '.join(datamodule.splits)}); use one of them or null.")
+        images, labels = split_images(datamodule, self.accuracy_split, self.accuracy_images)
+        if model_path is not None:
+            session = ort_session(model_path)
+            predict = partial(ort_run, session)
+        else:
+            predict = variants.torch_model(precision)
+        with deterministic_algorithms_off():  # quantised kernels refuse to run under it
+            top1 = top1_accuracy(predict, images, labels)
+        log.info(f"LatencyExport: {target.name} top-1 {top1:.4f} on {len(labels)} {self.accuracy_split} images")
+        return {**deployed, "accuracy_split": self.accuracy_split, "images": len(labels), "top1": top1}
+
     def _export_settings(self, checkpoint: str | None, max_abs_diff: float | None) -> dict:
         return {
             "format": "onnx",
@@ -145,7 +192,8 @@ class LatencyExport(pl.Callback):
             "torch_version": torch.__version__,
         }
 
-    def _write_json(self, onnx_path, checkpoint, input_shape, params, flops, max_abs_diff, results, skipped) -> None:
+    def _write_json(self, onnx_path, checkpoint, input_shape, params, flops, max_abs_diff, results, skipped,
+                    deployed=None) -> None:
         report = {
             "machine": describe_machine(),
             "model": str(onnx_path),
@@ -156,6 +204,8 @@ class LatencyExport(pl.Callback):
             "onnx_max_abs_diff": max_abs_diff,
             "results": [{"target": t.as_dict(), "name": t.name, **r.as_dict()} for t, r in results],
             "skipped": skipped,
+            # what the first measured target runs (model file, accuracy): the model a search scores
+            "deployed": deployed,
         }
         path = self.output_dir / "latency.json"
         path.write_text(json.dumps(report, indent=2) + "\n")

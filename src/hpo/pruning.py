@@ -7,12 +7,12 @@ from collections.abc import Mapping, Sequence
 
 import pytorch_lightning as pl
 
-from src.utils.errors import AutoclsError
+from src.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-class ObjectiveNotLoggedError(AutoclsError):
+class ObjectiveNotLoggedError(ConfigError):
     """A metric the sweep optimises or monitors is not among the run's metrics (a config mistake that
     every trial would repeat, so the sweeper stops instead of recording failures)."""
 

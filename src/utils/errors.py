@@ -13,6 +13,12 @@ class AutoclsError(Exception):
     """A user-fixable error; `str(err)` is one sentence that names the fix."""
 
 
+class ConfigError(AutoclsError):
+    """A mistake in the run's config that every run composed from it repeats (an input file that is not
+    there, a search space that does not fit the network): a sweep stops at the first trial that raises
+    it instead of recording the same failure for every trial."""
+
+
 def find_user_error(exc: BaseException | None) -> AutoclsError | None:
     """Return the `AutoclsError` behind `exc`, looking through wrappers such as Hydra's
     `InstantiationException` (which re-raises with `from`), or None if there is none."""
