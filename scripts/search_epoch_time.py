@@ -3,7 +3,11 @@ evaluation + evolution, projected to the experiment's full search.
 
     python scripts/search_epoch_time.py [--experiment cifar_cars] [--epochs 3] [-- overrides]
     python scripts/search_epoch_time.py --experiment cifar_cars -- trainer=gpu          # the GPU figure
-    python scripts/search_epoch_time.py --experiment digits_cars                        # a laptop CPU
+    OMP_NUM_THREADS=1 python scripts/search_epoch_time.py --experiment digits_cars      # a laptop CPU
+
+It times whole epochs on the real data, so on a CPU it is for the toy-sized digits_cars; for the
+CIFAR-10 searches at the paper's size on a CPU, `scripts/bench_nas_epoch.py` times a few batches of
+each method (DARTS, PC-DARTS, CARS, BackboneNAS) and projects them to the full search.
 
 Runs `python train.py experiment=<experiment> trainer.max_epochs=<epochs>` with the CSV logger and
 reads `search/train_s` and `search/eval_s` of every epoch from its metrics.csv. Epoch 0 includes

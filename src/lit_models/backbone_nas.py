@@ -26,8 +26,10 @@ optimizers come and go with the generations.
 Outputs in `<run dir>/backbone_nas/`: per generation `population_GGG.csv`, `front_GGG.csv/png`, and
 `pareto_front.json`. Train a result in full with `model/net=encoded_resnet model.net.encoding=<member>`.
 Logged: `train/loss` (mean over the generation), `val/acc` (best member so far), `val/acc_mean`,
-`val/acc_best`, `val/front_size`, `search/generation`; `test/acc`: the best member's short-trained
-network on the test set.
+`val/acc_best`, `val/front_size`, `search/generation`, `search/evaluated` (networks of the
+generation); `test/acc`: the best member's short-trained network on the test set. With
+`logger=wandb` each generation's candidates and front are also W&B tables (`search/population`,
+`search/front`) beside the front's plot.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from src.nas.evolution import (
     sample_population,
 )
 from src.nas.pareto import SELECTIONS, pareto_front, select_survivors
+from src.nas.wandb_tables import log_rows
 from src.utils.errors import AutoclsError
 
 log = logging.getLogger(__name__)
@@ -301,6 +304,7 @@ class BackboneNasLitModule(pl.LightningModule):
         self.member_acc = [float(accuracy[i]) for i in keep]
         front = pareto_front(self.member_acc, cost_matrix[keep])
         self.log("val/front_size", float(len(front)))
+        self.log("search/evaluated", float(len(new_acc)))
         if self.trainer.is_global_zero:
             self._write_generation(candidates, n_parents, accuracy, costs, set(keep.tolist()), keep[front])
         self.pending, self._nets, self._optimizers, self._schedulers = [], [], [], []
@@ -309,9 +313,12 @@ class BackboneNasLitModule(pl.LightningModule):
 
     def _write_generation(self, candidates, n_parents, accuracy, costs, kept: set, front_idx) -> None:
         g, out = self.generation, self.out_dir
-        front = front_io.write_population(
+        rows, front, png = front_io.write_population(
             out, g, candidates, accuracy, costs, self.objectives, kept, front_idx, n_parents, "new", f"BackboneNAS generation {g}"
         )
+        # W&B (when it logs the run): this generation's candidates, its front and the front's plot
+        log_rows(self.trainer, "search/population", [{"generation": g, **r} for r in rows], self.global_step, images={"search/front_plot": png})
+        log_rows(self.trainer, "search/front", [{"generation": g, **r} for r in front], self.global_step)
         front_io.write_json(
             [{k: v for k, v in r.items() if k not in ("rank", "selected", "origin")} for r in front],
             out / "pareto_front.json",

@@ -26,6 +26,8 @@ search continues exactly where it stopped.
 Logged: `train/loss`; `val/acc` (best member), `val/acc_mean`, `val/acc_best`, `val/front_size`;
 `search/train_s`, `search/eval_s` (seconds of the epoch's training and evaluation); `test/acc` (the
 test accuracy of the member with the best validation accuracy, shared weights), `test/acc_front_mean`.
+With `logger=wandb` every epoch's candidates and front are also W&B tables (`search/population`,
+`search/front`) beside the front's plot (`search/front_plot`).
 """
 
 from __future__ import annotations
@@ -55,18 +57,20 @@ from src.nas.evolution import (
 )
 from src.nas.genotypes import Genotype
 from src.nas.latency_table import (
+    LATENCY_DEFAULTS,
     GenotypeCosts,
     OpCostTable,
-    build_latency_table,
-    build_param_table,
+    describe_network,
+    ensure_cost_tables,
+    evaluation_network,
 )
 from src.nas.pareto import SELECTIONS, pareto_front, select_survivors
+from src.nas.wandb_tables import log_rows
 from src.utils.errors import AutoclsError
 
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("params_m", "latency_ms")
-LATENCY_DEFAULTS = {"table": None, "device": "cpu", "threads": 1, "warmup": 10, "repeats": 50, "calibration": 3}
 CHECKPOINT_KEY = "cars"
 
 
@@ -148,7 +152,7 @@ class CarsSearchLitModule(pl.LightningModule):
         self.constraints.bounds()  # validates them now, not after the first epoch
         self.latency_cfg = {**LATENCY_DEFAULTS, **dict(latency or {})}
         self.cost_net = cost_net or partial(
-            _network_cifar, C=net.C, layers=net.layers, num_classes=net.num_classes, in_chans=in_chans
+            evaluation_network, C=net.C, layers=net.layers, num_classes=net.num_classes, in_chans=in_chans
         )
         self.val_acc_best = MaxMetric()
 
@@ -171,29 +175,24 @@ class CarsSearchLitModule(pl.LightningModule):
         return "latency_ms" in self.objectives or self.hparams.max_latency_ms is not None
 
     def network_description(self) -> dict:
-        keywords = getattr(self.cost_net, "keywords", {})
-        described = {k: v for k, v in sorted(keywords.items()) if isinstance(v, (bool, int, float, str))}
-        return {
-            **described,
-            "image_size": int(self.hparams.image_size),
-            "in_chans": int(self.hparams.in_chans),
-            "steps": self.space.steps,  # the cells' width (and so the fixed part) depends on it
-        }
+        return describe_network(self.cost_net, self.hparams.image_size, self.hparams.in_chans, self.space.steps)
 
     def _ensure_ready(self) -> None:
         """Cost tables, constraint check and initial population, unless a checkpoint restored them."""
-        if "params" not in self.tables:
-            self.tables["params"] = build_param_table(
-                self.cost_net,
-                self.space.ops,
-                self.space.reference(),
-                self.hparams.image_size,
-                self.hparams.in_chans,
-                self.network_description(),
-            )
-        if self.needs_latency and "latency" not in self.tables:
-            self.tables["latency"] = self._latency_table()
-        self.costs = GenotypeCosts(self.tables["params"], self.tables.get("latency"))
+        # a generator of its own for the latency calibration: it must not change what the search draws
+        calibration_rng = np.random.default_rng(self.hparams.seed + 1)
+        self.costs = ensure_cost_tables(
+            self.tables,
+            self.cost_net,
+            self.space.ops,
+            self.space.reference(),
+            self.hparams.image_size,
+            self.hparams.in_chans,
+            latency=self.latency_cfg if self.needs_latency else None,
+            calibration=lambda n: [self.space.sample(calibration_rng) for _ in range(n)],
+            save_dir=self.out_dir if self._is_writer() else None,
+            who="CARS",
+        )
         self.constraints.check_reachable(
             self.costs.lowest(self.space.ops, self.space.steps),
             fix="search a smaller network (model.cost_net.C / model.cost_net.layers)",
@@ -201,32 +200,6 @@ class CarsSearchLitModule(pl.LightningModule):
         if not self.population:
             self.population = sample_population(self.space, self.hparams.population_size, self.rng, self.is_feasible)
             self.member_acc = []
-
-    def _latency_table(self) -> OpCostTable:
-        cfg = self.latency_cfg
-        if cfg["table"]:
-            table = OpCostTable.load(cfg["table"])
-            table.check_network(self.network_description(), cfg["table"])
-            return table
-        # a generator of its own: calibrating must not change what the search draws
-        calibration_rng = np.random.default_rng(self.hparams.seed + 1)
-        calibration = [self.space.sample(calibration_rng) for _ in range(max(1, int(cfg["calibration"])))]
-        table = build_latency_table(
-            self.cost_net,
-            self.space.ops,
-            self.hparams.image_size,
-            self.hparams.in_chans,
-            device=cfg["device"],
-            threads=cfg["threads"],
-            warmup=cfg["warmup"],
-            repeats=cfg["repeats"],
-            calibration=calibration,
-            network=self.network_description(),
-        )
-        if self._is_writer():
-            path = table.save(self.out_dir / "latency_table.json")
-            log.info(f"CARS: latency table written to {path} (reuse it with model.latency.table={path})")
-        return table
 
     def member_costs(self, genotype: Genotype) -> dict[str, float]:
         if genotype not in self._cost_cache:
@@ -350,10 +323,13 @@ class CarsSearchLitModule(pl.LightningModule):
 
     def _write_epoch(self, candidates, n_parents: int, accuracy, costs, kept: set, front_idx) -> None:
         epoch = self.current_epoch
-        front = front_io.write_population(
+        rows, front, png = front_io.write_population(
             self.out_dir, epoch, candidates, accuracy, costs, self.objectives, kept, front_idx, n_parents, "offspring", f"CARS epoch {epoch}"
         )
         self._write_front_json(front, epoch)
+        # W&B (when it logs the run): this epoch's candidates, its front and the front's plot
+        log_rows(self.trainer, "search/population", [{"epoch": epoch, **r} for r in rows], self.global_step, images={"search/front_plot": png})
+        log_rows(self.trainer, "search/front", [{"epoch": epoch, **r} for r in front], self.global_step)
 
     def _write_front_json(self, rows: list[dict], epoch: int) -> None:
         front_io.write_json(
@@ -462,8 +438,3 @@ def batch_statistics(module: nn.Module) -> Iterator[None]:
 def _nothing() -> Iterator[None]:
     yield
 
-
-def _network_cifar(**kwargs) -> nn.Module:
-    from src.models.darts_net import NetworkCIFAR
-
-    return NetworkCIFAR(**kwargs)

@@ -17,6 +17,14 @@ written into the run directory (`genotypes/epoch_NNN.json` and `genotype.json`, 
 (`genotypes/alphas_epoch_NNN.png`, `alphas.png`), and added to a W&B table when W&B logs the run.
 `val/acc` is the supernet's (mixture) accuracy on the validation split, so checkpointing works as in
 any run.
+
+Hardware bounds: with `max_params_m` / `max_latency_ms` the derivation returns the genotype of most
+mixture weight whose network (`cost_net`, by default the paper's 20-cell, 36-channel CIFAR network)
+meets them (`src.nas.derive.derive_within_bounds`), with the same cost model as CARS: exact
+parameters and a per-op latency lookup table measured on the target device (`latency`,
+`src.nas.latency_table`). The costs of each epoch's genotype are logged (`search/params_m`,
+`search/latency_ms`); a bound that no genotype of the space can meet stops the run at its start in
+one sentence.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -33,13 +42,24 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from src.nas.architect import first_order_arch_grads, unrolled_arch_grads
+from src.nas.derive import derive_within_bounds
+from src.nas.evolution import Constraints, DartsSpace
 from src.nas.genotypes import Genotype
+from src.nas.latency_table import (
+    LATENCY_DEFAULTS,
+    GenotypeCosts,
+    OpCostTable,
+    ensure_cost_tables,
+    evaluation_network,
+)
 from src.nas.plots import plot_alphas
+from src.nas.wandb_tables import log_rows
 from src.utils.errors import AutoclsError
 
 log = logging.getLogger(__name__)
 
 BATCH_KEYS = ("weights", "arch")
+FIX = "search a smaller network (model.cost_net.C / model.cost_net.layers)"
 
 
 class DartsSearchLitModule(pl.LightningModule):
@@ -55,6 +75,14 @@ class DartsSearchLitModule(pl.LightningModule):
         second_order: Use the unrolled (second-order) architecture gradient.
         arch_start_epoch: First epoch with architecture updates (0 in DARTS, 15 in PC-DARTS).
         grad_clip: Max gradient norm of the weight step (5 in DARTS); null for none.
+        cost_net: Partial of the network a genotype becomes (`NetworkCIFAR` without its genotype):
+            its parameters (and latency) are the costs logged and bounded. None: no costs, unless a
+            bound is set, then a `NetworkCIFAR` of the supernet's C and layers.
+        image_size, in_chans: Input shape for the cost tables (from the data).
+        max_params_m, max_latency_ms: Hard bounds on the derived genotype's costs (None: unbounded).
+        latency: The latency lookup table, as for CARS: `table` (a JSON file; null: measure one into
+            the run dir), `device`, `threads`, `warmup`, `repeats`, `calibration`.
+        seed: Seed of the random genotypes that calibrate a measured latency table.
     """
 
     def __init__(
@@ -67,11 +95,26 @@ class DartsSearchLitModule(pl.LightningModule):
         second_order: bool = False,
         arch_start_epoch: int = 0,
         grad_clip: float | None = 5.0,
+        cost_net: partial | None = None,
+        image_size: int = 32,
+        in_chans: int = 3,
+        max_params_m: float | None = None,
+        max_latency_ms: float | None = None,
+        latency: dict | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.save_hyperparameters(ignore=["net", "loss"], logger=False)
+        self.save_hyperparameters(ignore=["net", "loss", "cost_net"], logger=False)
         self.net, self.loss_fn = net, loss
+        self.constraints = Constraints(max_params_m, max_latency_ms)
+        bounded = self.constraints.bounds()  # validates them now, not after the first epoch
+        if bounded and cost_net is None:
+            cost_net = partial(evaluation_network, C=net.C, layers=net.layers, num_classes=net.num_classes, in_chans=in_chans)
+        self.cost_net = cost_net
+        self.latency_cfg = {**LATENCY_DEFAULTS, **dict(latency or {})}
+        self.tables: dict[str, OpCostTable] = {}  # the cost tables (kept in checkpoints)
+        self.costs: GenotypeCosts | None = None
         num_classes = net.num_classes
         for stage in ("train", "val", "test"):
             metrics = {
@@ -151,6 +194,8 @@ class DartsSearchLitModule(pl.LightningModule):
             # many skip connections in the normal cell is DARTS's known failure mode (Zela et al. 2020)
             skips = sum(op == "skip_connect" for op, _ in genotype.normal)
             self.log("search/normal_skip_connects", float(skips), on_step=False, on_epoch=True)
+            for key, value in (self.costs(genotype) if self.costs is not None else {}).items():
+                self.log(f"search/{key}", value, on_step=False, on_epoch=True)
 
     def on_train_end(self) -> None:
         if not getattr(self, "_epoch_recorded", True) and self.global_step > 0:
@@ -158,13 +203,64 @@ class DartsSearchLitModule(pl.LightningModule):
 
     def _record_genotype(self) -> Genotype:
         self._epoch_recorded = True
-        genotype = self.net.genotype()
+        genotype = self.derive()
         epoch = self.current_epoch
         self.history.append((epoch, genotype.to_string()))
+        costs = self.costs(genotype) if self.costs is not None else {}
         if self.trainer.is_global_zero:
-            log.info(f"Epoch {epoch} genotype: {genotype}")
+            described = "".join(f", {value:.4g} {key}" for key, value in costs.items())
+            log.info(f"Epoch {epoch} genotype{described}: {genotype}")
             self._write_genotype(genotype, epoch)
         return genotype
+
+    # --- costs and bounds ----------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        self.ensure_costs()
+
+    def cost_space(self) -> DartsSpace:
+        """The genotypes this supernet derives (every primitive but 'none'), for the cost tables."""
+        return DartsSpace(ops=tuple(p for p in self.net.primitives if p != "none"), steps=self.net.steps)
+
+    def _with_net_concat(self, genotype: Genotype) -> Genotype:
+        # the supernet's cells concatenate their last `multiplier` nodes, and so do derived genotypes
+        concat = range(2 + self.net.steps - self.net.multiplier, self.net.steps + 2)
+        return Genotype(genotype.normal, concat, genotype.reduce, concat)
+
+    def ensure_costs(self) -> None:
+        """The cost tables of `cost_net` (unless a checkpoint restored them), and one sentence when a
+        bound is out of reach of every genotype, before any training is spent."""
+        if self.cost_net is None:
+            return
+        space = self.cost_space()
+        # a generator of its own: calibrating a latency table draws random genotypes
+        calibration_rng = np.random.default_rng(self.hparams.seed + 1)
+        needs_latency = self.hparams.max_latency_ms is not None or bool(self.hparams.latency and self.hparams.latency.get("table"))
+        self.costs = ensure_cost_tables(
+            self.tables,
+            self.cost_net,
+            space.ops,
+            self._with_net_concat(space.reference()),
+            self.hparams.image_size,
+            self.hparams.in_chans,
+            latency=self.latency_cfg if needs_latency else None,
+            calibration=lambda n: [self._with_net_concat(space.sample(calibration_rng)) for _ in range(n)],
+            save_dir=Path(self.trainer.default_root_dir) if self._trainer is not None and self.trainer.is_global_zero else None,
+            who="DARTS",
+        )
+        self.constraints.check_reachable(self.costs.lowest(space.ops, space.steps), fix=FIX)
+
+    def derive(self) -> Genotype:
+        """The genotype of the current architecture parameters: DARTS's derivation, within the bounds
+        when there are any."""
+        if not self.constraints.bounds():
+            return self.net.genotype()
+        if self.costs is None:
+            self.ensure_costs()
+        net = self.net
+        return derive_within_bounds(
+            net.alphas_normal, net.alphas_reduce, self.costs, self.constraints, net.steps, net.primitives,
+            net.betas_normal, net.betas_reduce, net.multiplier, fix=FIX,
+        )
 
     def _write_genotype(self, genotype: Genotype, epoch: int) -> None:
         run_dir = Path(self.trainer.default_root_dir)
@@ -185,14 +281,16 @@ class DartsSearchLitModule(pl.LightningModule):
         (run_dir / "alphas.png").write_bytes(png.read_bytes())
         self._log_to_wandb(png)
 
-    def _log_to_wandb(self, png: Path) -> None:
-        from pytorch_lightning.loggers import WandbLogger
+    def history_rows(self) -> list[dict]:
+        """The genotype of every epoch so far, with its costs when there is a cost model (the W&B table)."""
+        rows = []
+        for epoch, text in self.history:
+            costs = self.costs(Genotype.parse_string(text)) if self.costs is not None else {}
+            rows.append({"epoch": epoch, "genotype": text, **{k: round(v, 6) for k, v in costs.items()}})
+        return rows
 
-        for logger in self.trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                rows = [[epoch, text] for epoch, text in self.history]
-                logger.log_table(key="search/genotypes", columns=["epoch", "genotype"], data=rows, step=self.global_step)
-                logger.log_image(key="search/alphas", images=[str(png)], step=self.global_step)
+    def _log_to_wandb(self, png: Path) -> None:
+        log_rows(self.trainer, "search/genotypes", self.history_rows(), self.global_step, images={"search/alphas": png})
 
     # --- evaluation ----------------------------------------------------------------------------
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -235,6 +333,10 @@ class DartsSearchLitModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["darts_genotype_history"] = list(self.history)
+        # a re-measured latency table would differ: a resumed search keeps deriving with this one
+        checkpoint["darts_cost_tables"] = {name: table.to_dict() for name, table in self.tables.items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.history = [tuple(row) for row in checkpoint.get("darts_genotype_history", [])]
+        self.tables = {name: OpCostTable.from_dict(t) for name, t in checkpoint.get("darts_cost_tables", {}).items()}
+        self.costs = None

@@ -135,11 +135,12 @@ def front_member_net(front: str | None = None, member: int | str = "best_acc", g
 def write_population(
     out_dir: Path, step: int, members: Sequence, accuracy, costs: Sequence[dict], objectives: Sequence[str],
     kept: set, front_idx, n_parents: int, new_origin: str, title: str,
-) -> list[dict]:
+) -> tuple[list[dict], list[dict], Path]:
     """One search step's files: every candidate as a row (`population_<step>.csv`, with its
     non-domination rank, whether selection kept it, and whether it is a parent or new), the Pareto
-    front (`front_<step>.csv`, `front_<step>.png` over the first cost objective). Returns the front's
-    rows. Shared by CARS and BackboneNAS, whose members differ only in `to_string()`."""
+    front (`front_<step>.csv`, `front_<step>.png` over the first cost objective). Returns the rows of
+    all candidates, those of the front, and the PNG's path. Shared by CARS and BackboneNAS, whose
+    members differ only in `to_string()`."""
     import numpy as np
 
     from src.nas.pareto import front_ranks
@@ -159,5 +160,5 @@ def write_population(
     front = [rows[i] for i in front_idx]
     write_csv(rows, Path(out_dir) / f"population_{step:03d}.csv")
     write_csv(front, Path(out_dir) / f"front_{step:03d}.csv")
-    plot_front(rows, front, Path(out_dir) / f"front_{step:03d}.png", objectives[0], title)
-    return front
+    png = plot_front(rows, front, Path(out_dir) / f"front_{step:03d}.png", objectives[0], title)
+    return rows, front, png

@@ -282,22 +282,99 @@ def build_latency_table(
 
 # --- what search methods use -----------------------------------------------------------------------
 
+# `model.latency` of the DARTS and CARS search configs: a table file to reuse, or how to measure one
+LATENCY_DEFAULTS = {"table": None, "device": "cpu", "threads": 1, "warmup": 10, "repeats": 50, "calibration": 3}
+
 
 class GenotypeCosts:
     """The costs of the network a genotype becomes: `params_m` (exact) and, with a latency table,
-    `latency_ms` (predicted). Callable on a genotype, returning a dict."""
+    `latency_ms` (predicted). Callable on a genotype, returning a dict; `fixed()` and `edge()` are
+    its additive parts (what a derivation that picks edge by edge needs)."""
 
     def __init__(self, params: OpCostTable, latency: OpCostTable | None = None):
         self.params, self.latency = params, latency
 
-    def __call__(self, genotype: Genotype) -> dict[str, float]:
-        costs = {"params_m": self.params.predict(genotype) / 1e6}
+    def _tables(self) -> list[tuple[str, OpCostTable, float]]:
+        # (key, table, divisor): parameters are reported in millions
+        tables = [("params_m", self.params, 1e6)]
         if self.latency is not None:
-            costs["latency_ms"] = self.latency.predict(genotype)
-        return costs
+            tables.append(("latency_ms", self.latency, 1.0))
+        return tables
+
+    def __call__(self, genotype: Genotype) -> dict[str, float]:
+        return {key: table.predict(genotype) / unit for key, table, unit in self._tables()}
+
+    def fixed(self) -> dict[str, float]:
+        """What every genotype's network costs whatever its ops (stem, preprocessing, head)."""
+        return {key: table.base / unit for key, table, unit in self._tables()}
+
+    def edge(self, reduction: bool, op: str, source: int) -> dict[str, float]:
+        """The cost of one edge of the normal or reduction cell, over all the network's cells of that type."""
+        return {key: table.edge_cost(reduction, op, source) / unit for key, table, unit in self._tables()}
 
     def lowest(self, ops: Sequence[str], steps: int) -> dict[str, float]:
-        out = {"params_m": self.params.lowest(ops, steps) / 1e6}
-        if self.latency is not None:
-            out["latency_ms"] = self.latency.lowest(ops, steps)
-        return out
+        return {key: table.lowest(ops, steps) / unit for key, table, unit in self._tables()}
+
+
+def evaluation_network(**kwargs) -> nn.Module:
+    """The default cost network of a search: DARTS's `NetworkCIFAR` (imported late: the cost tables
+    do not need the models package otherwise)."""
+    from src.models.darts_net import NetworkCIFAR
+
+    return NetworkCIFAR(**kwargs)
+
+
+def describe_network(cost_net: NetFactory, image_size: int, in_chans: int, steps: int) -> dict:
+    """What a cost table is valid for: the cost network's scalar settings and the input shape (a table
+    is refused for another network, `OpCostTable.check_network`)."""
+    keywords = getattr(cost_net, "keywords", {})
+    described = {k: v for k, v in sorted(keywords.items()) if isinstance(v, (bool, int, float, str))}
+    # the cells' width (and so the fixed part) depends on the node count
+    return {**described, "image_size": int(image_size), "in_chans": int(in_chans), "steps": int(steps)}
+
+
+def ensure_cost_tables(
+    tables: dict[str, OpCostTable],
+    cost_net: NetFactory,
+    ops: Sequence[str],
+    reference: Genotype,
+    image_size: int,
+    in_chans: int,
+    *,
+    latency: dict | None = None,
+    calibration: Callable[[int], list[Genotype]] | None = None,
+    save_dir: Path | None = None,
+    who: str = "search",
+) -> GenotypeCosts:
+    """The costs of `cost_net(genotype=...)` for the search modules (CARS, DARTS), building the tables
+    that `tables` (restored from a checkpoint, or empty) lacks, in place: the exact parameter table
+    always, the latency table when `latency` (`LATENCY_DEFAULTS` keys) is given: loaded from
+    `latency["table"]` and checked against this network, or measured and calibrated on
+    `calibration(n)` genotypes and saved into `save_dir/latency_table.json` (reused by
+    `model.latency.table=<file>`)."""
+    network = describe_network(cost_net, image_size, in_chans, len(reference.normal) // 2)
+    if "params" not in tables:
+        tables["params"] = build_param_table(cost_net, ops, reference, image_size, in_chans, network)
+    if latency is not None and "latency" not in tables:
+        cfg = {**LATENCY_DEFAULTS, **latency}
+        if cfg["table"]:
+            table = OpCostTable.load(cfg["table"])
+            table.check_network(network, cfg["table"])
+        else:
+            table = build_latency_table(
+                cost_net,
+                ops,
+                image_size,
+                in_chans,
+                device=cfg["device"],
+                threads=cfg["threads"],
+                warmup=cfg["warmup"],
+                repeats=cfg["repeats"],
+                calibration=calibration(max(1, int(cfg["calibration"]))) if calibration else [reference],
+                network=network,
+            )
+            if save_dir is not None:
+                path = table.save(Path(save_dir) / "latency_table.json")
+                log.info(f"{who}: latency table written to {path} (reuse it with model.latency.table={path})")
+        tables["latency"] = table
+    return GenotypeCosts(tables["params"], tables.get("latency"))
