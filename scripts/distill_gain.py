@@ -9,8 +9,9 @@
 The teacher (ResNet-`--teacher-depth`) is trained once with the student's recipe for
 `--teacher-epochs` (or given with `--teacher-ckpt`); then for every seed the student
 (ResNet-`--student-depth`) trains for `--epochs` as a classifier (a) and with `model=distillation`
-(b). `--method ssld`: Jensen-Shannon divergence, labels unused (alpha 1, T 1), as
-`experiment=cifar100_ssld`; `--method kd`: T^2 KL at T 4 mixed 0.9 / 0.1 with cross-entropy, as
+(b). `--method ssld`: PaddleClas's SSLD loss (`sym_kl`, the mean of both KL directions, which
+PaddleClas calls JS divergence), labels unused (alpha 1, T 1), as `experiment=cifar100_ssld`;
+`--method ssld_js`: the same with the textbook Jensen-Shannon divergence; `--method kd`: T^2 KL at T 4 mixed 0.9 / 0.1 with cross-entropy, as
 `experiment=cifar100_kd`. `--unlabeled-dir` mixes extra images without labels into (b)'s batches.
 Each run is a fresh `python train.py`; top-1 is test/acc of its best-by-val checkpoint. Finished runs
 are cached in `--cache`, so a rerun (or a longer one) skips them.
@@ -34,8 +35,12 @@ from src.utils.machine import describe_machine
 ROOT = Path(__file__).resolve().parents[1]
 
 METHODS = {
-    "ssld": ["model.distillation.divergence=js", "model.distillation.temperature=1.0", "model.distillation.alpha=1.0",
+    # experiment=cifar100_ssld: PaddleClas's SSLD loss (sym_kl), labels unused, no label smoothing
+    "ssld": ["model.distillation.divergence=sym_kl", "model.distillation.temperature=1.0", "model.distillation.alpha=1.0",
              "loss.label_smoothing=0.0"],
+    # the same with the textbook Jensen-Shannon divergence, for comparison
+    "ssld_js": ["model.distillation.divergence=js", "model.distillation.temperature=1.0", "model.distillation.alpha=1.0",
+                "loss.label_smoothing=0.0"],
     "kd": ["model.distillation.divergence=kl", "model.distillation.temperature=4.0", "model.distillation.alpha=0.9"],
 }
 

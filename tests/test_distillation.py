@@ -26,7 +26,12 @@ from src.eval import evaluate
 from src.lit_models.teacher import Teacher, check_teacher_fits
 from src.lit_models.teacher_cache import TeacherLogitCache
 from src.losses.cross_entropy import CrossEntropyLoss
-from src.losses.distillation import DistillationLoss, js_divergence, kd_divergence
+from src.losses.distillation import (
+    DistillationLoss,
+    js_divergence,
+    kd_divergence,
+    symmetric_kl_divergence,
+)
 from src.train import train
 from src.utils.errors import AutoclsError, find_user_error
 from src.utils.instantiate import build_datamodule
@@ -88,10 +93,36 @@ def test_js_divergence_closed_form_symmetric_and_bounded(logits):
     assert js_divergence(*far).item() == pytest.approx(math.log(2), rel=1e-5)  # disjoint supports: log 2
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_symmetric_kl_is_paddleclas_ssld_loss(logits, temperature):
+    s, t = logits
+    p_s, p_t = _softmax(s.double().numpy() / temperature), _softmax(t.double().numpy() / temperature)
+    # PaddleClas JSDivLoss._jsdiv: (KL(p_t || p_s) + KL(p_s || p_t)) / 2, summed over classes
+    expected = temperature**2 * (0.5 * _kl(p_t, p_s) + 0.5 * _kl(p_s, p_t)).mean()
+    assert symmetric_kl_divergence(s, t, temperature).item() == pytest.approx(expected, rel=1e-5)
+    assert symmetric_kl_divergence(t, s, temperature).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_near_agreement_sym_kl_pulls_like_kl_and_js_four_times_weaker(logits):
+    # why the SSLD recipe uses sym_kl: for a student close to the teacher, the gradient on the student's
+    # logits is (p_s - p_t) for KL and sym_kl, and a quarter of it for the textbook JS
+    _, t = logits
+    s = t + 0.02 * torch.randn(t.shape, generator=torch.Generator().manual_seed(3))
+    grads = {}
+    for name, fn in {"kl": kd_divergence, "sym_kl": symmetric_kl_divergence, "js": js_divergence}.items():
+        x = s.clone().requires_grad_()
+        fn(x, t).backward()
+        grads[name] = x.grad
+    scale = grads["kl"].abs().max()  # second-order terms are O(0.02) of the first-order ones
+    assert (grads["sym_kl"] - grads["kl"]).abs().max() < 0.05 * scale
+    assert (4 * grads["js"] - grads["kl"]).abs().max() < 0.05 * scale
+    assert (grads["js"] - grads["kl"]).abs().max() > 0.5 * scale  # and JS really is the weaker pull
+
+
 def test_ssld_and_logits_only_distillation_ignore_the_labels(logits):
     s, t = logits
     y = torch.tensor([0, 1, 2, 3, 4, 0])
-    for divergence in ("js", "kl"):
+    for divergence in ("js", "sym_kl", "kl"):
         loss = DistillationLoss(divergence, temperature=1.0, alpha=1.0)
         without = loss(s, t)  # no labels at all
         assert loss(s, t, y, hard_loss=CrossEntropyLoss()).item() == without.item()
@@ -122,7 +153,7 @@ def test_soft_mixing_targets_feed_the_hard_label_term(logits):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"divergence": "mse"}, "kl .*or js"),
+    ({"divergence": "mse"}, "kl .*sym_kl .*or js"),
     ({"alpha": 1.5}, r"\[0, 1\]"),
     ({"temperature": 0.0}, "> 0"),
 ])
@@ -420,3 +451,22 @@ def test_cached_teacher_logits_match_and_spare_the_teacher_after_epoch_one(compo
     random_aug = _distil_cfg(compose_train, teacher_path, "model.cache_teacher_logits=true", "augmentation=standard")
     with pytest.raises(AutoclsError, match="needs augmentation=none"):
         train(random_aug)
+
+
+def test_unlabeled_pool_leaves_out_the_labelled_subset_and_is_seeded(tmp_path):
+    from scripts.make_unlabeled_pool import make_pool
+
+    for cls in ("a", "b"):
+        (tmp_path / "full" / cls).mkdir(parents=True)
+        (tmp_path / "subset" / cls).mkdir(parents=True)
+        for i in range(6):
+            (tmp_path / "full" / cls / f"{i}.jpg").write_bytes(bytes([i]))
+        for i in range(3):  # the labelled subset holds 0-2 of each class
+            (tmp_path / "subset" / cls / f"{i}.jpg").write_bytes(bytes([i]))
+    assert make_pool(tmp_path / "full", tmp_path / "subset", 2, tmp_path / "pool") == 4
+    picked = sorted(str(p.relative_to(tmp_path / "pool")) for p in (tmp_path / "pool").rglob("*.jpg"))
+    assert len(picked) == 4 and all(int(Path(p).stem) >= 3 for p in picked)
+    make_pool(tmp_path / "full", tmp_path / "subset", 2, tmp_path / "again")
+    assert picked == sorted(str(p.relative_to(tmp_path / "again")) for p in (tmp_path / "again").rglob("*.jpg"))
+    with pytest.raises(SystemExit, match="lower --per-class"):
+        make_pool(tmp_path / "full", tmp_path / "subset", 4, tmp_path / "too_many")

@@ -8,9 +8,16 @@ of student logits s and teacher logits t, both summed over classes and averaged 
   Network"): KL(p_t || p_s), the teacher's distribution as the target. It is multiplied by T^2
   because the gradient of the softened term shrinks as 1/T^2; the scaling keeps its weight
   against the hard-label term unchanged when T is tuned (the paper's recommendation, timm's too).
-* `js` — Jensen-Shannon divergence (PaddleClas SSLD): (KL(p_s || m) + KL(p_t || m)) / 2 with
-  m = (p_s + p_t) / 2. Symmetric and bounded by log 2; PaddleClas found it better than KL when
-  the student learns from soft labels alone. Scaled by T^2 as well, for the same reason.
+* `sym_kl` — the SSLD loss as PaddleClas computes it: (KL(p_t || p_s) + KL(p_s || p_t)) / 2.
+  PaddleClas calls it "JS divergence" (`JSDivLoss._jsdiv`), but it averages the two KL
+  directions instead of measuring both against the mixture m. The difference matters: near
+  agreement (p_s = p_t + d) it is sum d^2 / (2 p), the same as KL, so it trains as fast as KD;
+  the textbook JS below is a quarter of that and saturates at log 2 when the two disagree.
+* `js` — the textbook Jensen-Shannon divergence: (KL(p_s || m) + KL(p_t || m)) / 2 with
+  m = (p_s + p_t) / 2. Symmetric and bounded by log 2; its gradient is about a quarter of KL's
+  near agreement, so a student learning from it alone needs a far longer schedule (measured in
+  docs/distillation.md).
+Both symmetric divergences are scaled by T^2 as well, for the same reason as KL.
 
 `DistillationLoss` mixes the divergence with the run's classification loss on the labels:
 alpha * divergence + (1 - alpha) * hard_loss. With alpha = 1 the labels are not used at all
@@ -28,7 +35,7 @@ from torch.nn import functional as F
 
 from src.utils.errors import AutoclsError
 
-DIVERGENCES = ("kl", "js")
+DIVERGENCES = ("kl", "sym_kl", "js")
 
 
 def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -37,6 +44,18 @@ def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
     return kl * temperature**2
+
+
+def symmetric_kl_divergence(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """T^2 * (KL(p_t || p_s) + KL(p_s || p_t)) / 2 of the softened distributions (PaddleClas's SSLD
+    loss), summed over classes, averaged over the batch."""
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    kl_ts = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    kl_st = F.kl_div(log_p_t, log_p_s, reduction="batchmean", log_target=True)
+    return 0.5 * (kl_ts + kl_st) * temperature**2
 
 
 def js_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -62,7 +81,7 @@ class DistillationLoss(nn.Module):
     """alpha * divergence(student, teacher) + (1 - alpha) * hard_loss(student, labels).
 
     Args:
-        divergence: `kl` (knowledge distillation) or `js` (SSLD); see the module docstring.
+        divergence: `kl` (knowledge distillation), `sym_kl` (SSLD) or `js`; see the module docstring.
         temperature: T, softens both distributions; Hinton et al. use 2-20, CIFAR KD commonly 4,
             SSLD 1.
         alpha: Weight of the divergence; 1 distils from the teacher's logits only (labels unused).
@@ -77,7 +96,8 @@ class DistillationLoss(nn.Module):
         super().__init__()
         if divergence not in DIVERGENCES:
             raise AutoclsError(
-                f"model.distillation.divergence={divergence!r} is not a divergence; use kl (knowledge distillation) or js (SSLD)."
+                f"model.distillation.divergence={divergence!r} is not a divergence; use kl (knowledge distillation), "
+                "sym_kl (SSLD as PaddleClas computes it) or js (the textbook Jensen-Shannon divergence)."
             )
         if not temperature > 0:
             raise AutoclsError(f"model.distillation.temperature={temperature} must be > 0; 4 is usual for KD, 1 for SSLD.")
@@ -86,7 +106,7 @@ class DistillationLoss(nn.Module):
                 f"model.distillation.alpha={alpha} must be in [0, 1] (the weight of the teacher term; 1 ignores the labels)."
             )
         self.divergence, self.temperature, self.alpha = divergence, float(temperature), float(alpha)
-        self._divergence_fn = kd_divergence if divergence == "kl" else js_divergence
+        self._divergence_fn = {"kl": kd_divergence, "sym_kl": symmetric_kl_divergence, "js": js_divergence}[divergence]
 
     @property
     def uses_labels(self) -> bool:
