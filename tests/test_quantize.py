@@ -1,4 +1,5 @@
-"""INT8 post-training static quantisation: onnxruntime (QDQ) and torch.ao (FX, x86)."""
+"""INT8 post-training static quantisation: onnxruntime (QDQ, with the integer rewrites of
+src/deploy/qdq_rewrites.py) and torch.ao (FX, x86)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,14 @@ import torch
 
 from src.deploy.latency import deterministic_algorithms_off, ort_run, ort_session
 from src.deploy.onnx_export import export_onnx
+from src.deploy.qdq_rewrites import (
+    clip_hard_sigmoid_inputs,
+    global_average_pools,
+    integer_hard_sigmoids,
+)
 from src.deploy.quantize import quantize_onnx_static, quantize_torch_fx
 from src.models.resnet_cifar import resnet_cifar
+from src.models.timm_net import create_timm_net
 from src.utils.errors import AutoclsError
 
 
@@ -41,6 +48,203 @@ def test_onnxruntime_static_int8_is_quantised_and_close(net_and_images, tmp_path
     got, expected = ort_run(ort_session(int8), held_out), ort_run(ort_session(fp32), held_out)
     assert _relative_error(got, expected) < 0.1
     assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.8
+
+
+def _fit_batchnorm(net: torch.nn.Module, images: torch.Tensor) -> torch.nn.Module:
+    """BatchNorm running statistics of `images` (as after training), so activations and their INT8
+    ranges look like a trained network's rather than a random one's."""
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(images)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def mobilenet_onnx(tmp_path_factory):
+    """timm's MobileNetV3-Small 0.5 (squeeze-excitation gates, hard-swish, depthwise convolutions) at
+    32 px, exported to ONNX, with calibration and held-out images."""
+    torch.manual_seed(0)
+    images = torch.randn(96, 3, 32, 32)
+    net = _fit_batchnorm(create_timm_net("mobilenetv3_small_050", num_classes=10), images)
+    path = export_onnx(net, (3, 32, 32), tmp_path_factory.mktemp("mobilenet") / "m.onnx")
+    return path, images[:64], images[64:]
+
+
+def _optimised_op_counts(path, tmp_path) -> dict[str, int]:
+    """Op counts of the graph onnxruntime runs (after its QDQ fusion into integer kernels)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    counts: dict[str, int] = {}
+    for node in onnx.load(options.optimized_model_filepath).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def test_mobilenet_int8_runs_in_integer_kernels_from_input_to_logits(mobilenet_onnx, tmp_path):
+    """The recipe pinned: every convolution (depthwise included), the SE pools and gates and the
+    hard-swishes run as onnxruntime integer kernels; the only float work left is quantising the
+    input and dequantising the logits. Without the rewrites the pools and HardSigmoids stay in float."""
+    fp32, calibration, _ = mobilenet_onnx
+    convs = sum(node.op_type == "Conv" for node in onnx.load(str(fp32)).graph.node)
+    int8 = quantize_onnx_static(fp32, tmp_path / "m.int8.onnx", calibration)
+    saved = {node.op_type for node in onnx.load(str(int8)).graph.node}
+    assert "ReduceMean" not in saved and "HardSigmoid" not in saved and "GlobalAveragePool" in saved
+    ops = _optimised_op_counts(int8, tmp_path)
+    assert ops.get("QLinearConv") == convs and "Conv" not in ops
+    assert ops.get("QLinearGlobalAveragePool", 0) >= 1 and ops.get("QLinearMul", 0) >= 1
+    assert ops.get("QuantizeLinear") == 1 and ops.get("DequantizeLinear") == 1
+    assert not {"HardSigmoid", "ReduceMean", "Mul", "Add"} & set(ops)
+
+    # the hard-swish inputs were calibrated from -3 (clip_hard_sigmoid_inputs), not from their minimum
+    model = onnx.load(str(int8))
+    values = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    scaled = [n for n in model.graph.node if n.name.endswith("_hard_sigmoid_alpha_x")]
+    assert scaled
+    for node in scaled:
+        step = float(values[node.input[1]]) * 6  # the input's own scale (alpha = 1/6)
+        assert -int(values[node.input[2]]) * step >= -3 - step
+
+    plain = quantize_onnx_static(fp32, tmp_path / "plain.int8.onnx", calibration, integer_rewrites=False)
+    plain_ops = _optimised_op_counts(plain, tmp_path)
+    assert plain_ops.get("HardSigmoid", 0) >= 1 and plain_ops.get("ReduceMean", 0) >= 1
+    assert plain_ops.get("QuantizeLinear") > 1
+
+
+def test_integer_rewrites_keep_int8_as_close_to_fp32(mobilenet_onnx, tmp_path):
+    """With the rewrites (exact in float; the clip only narrows calibrated ranges) INT8 stays at least
+    as close to fp32 on held-out images as onnxruntime's quantiser alone, and agrees on the top-1."""
+    fp32, calibration, held_out = mobilenet_onnx
+    rewritten = quantize_onnx_static(fp32, tmp_path / "a.onnx", calibration)
+    plain = quantize_onnx_static(fp32, tmp_path / "b.onnx", calibration, integer_rewrites=False)
+    expected = ort_run(ort_session(fp32), held_out)
+    got, before = ort_run(ort_session(rewritten), held_out), ort_run(ort_session(plain), held_out)
+    assert _relative_error(got, expected) <= 1.05 * _relative_error(before, expected)
+    assert _relative_error(got, expected) < 0.2
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.75
+
+
+def test_hard_swish_after_a_long_negative_tail_keeps_its_resolution(tmp_path):
+    """A convolution output whose one channel sits far below -3 (-120 to -40) and feeds a hard-swish
+    (non-zero above -3 only), like the head of a MobileNetV3 trained on CIFAR: calibrated from its
+    minimum, the tensor's uint8 step (0.47) is coarser than hard-swish's whole negative lobe; clipped
+    at -3 first, INT8 is several times closer to fp32."""
+    conv = torch.nn.Conv2d(3, 3, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.diag(torch.tensor([1.0, 1.0, 20.0])).view(3, 3, 1, 1))
+        conv.bias.copy_(torch.tensor([0.0, 0.0, -60.0]))
+    net = torch.nn.Sequential(conv, torch.nn.Hardswish()).eval()
+    fp32 = export_onnx(net, (3, 8, 8), tmp_path / "hswish.onnx")
+    images = 4 * torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(0)) - 3  # [-3, 1]
+    expected = ort_run(ort_session(fp32), images[32:])
+    errors = {}
+    for rewrites in (True, False):
+        int8 = quantize_onnx_static(fp32, tmp_path / f"{rewrites}.onnx", images[:32], integer_rewrites=rewrites)
+        errors[rewrites] = _relative_error(ort_run(ort_session(int8), images[32:]), expected)
+    assert errors[True] < 0.05 < errors[False] and errors[True] < errors[False] / 3
+
+
+def _graph(nodes, initializers, inputs, outputs) -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs],
+        [onnx.numpy_helper.from_array(v, k) for k, v in initializers.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def test_only_spatial_means_that_keep_dims_become_global_pools():
+    from onnx import helper
+
+    axes = {"hw": np.array([2, 3], np.int64), "neg": np.array([-1, -2], np.int64), "ch": np.array([1], np.int64)}
+    model = _graph(
+        [helper.make_node("ReduceMean", ["x", "hw"], ["a"], keepdims=1),
+         helper.make_node("ReduceMean", ["x", "neg"], ["b"], keepdims=1),
+         helper.make_node("ReduceMean", ["x", "hw"], ["c"], keepdims=0),   # drops H, W: not a pool
+         helper.make_node("ReduceMean", ["x", "ch"], ["d"], keepdims=1)],   # over channels
+        axes, [("x", [1, 4, 5, 5])], [("a", [1, 4, 1, 1]), ("b", [1, 4, 1, 1]), ("c", [1, 4]), ("d", [1, 1, 5, 5])])
+    model = onnx.shape_inference.infer_shapes(model)
+    assert global_average_pools(model) == 2
+    assert [n.op_type for n in model.graph.node] == ["GlobalAveragePool"] * 2 + ["ReduceMean"] * 2
+    assert sorted(i.name for i in model.graph.initializer) == ["ch", "hw"]  # "neg" was only the rewritten mean's
+
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).standard_normal((1, 4, 5, 5)).astype(np.float32)
+    a, b, c, d = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(a, x.mean((2, 3), keepdims=True), atol=1e-6)
+    np.testing.assert_allclose(b, a, atol=0)
+    np.testing.assert_allclose(c, x.mean((2, 3)), atol=1e-6)
+    np.testing.assert_allclose(d, x.mean(1, keepdims=True), atol=1e-6)
+
+
+def test_hard_sigmoid_inputs_are_clipped_where_their_value_no_longer_matters():
+    """A tensor that only feeds a hard-swish is clipped below at -3, one that only feeds a HardSigmoid
+    (an SE gate) at [-3, 3]; one with any other reader is left alone; the float result is unchanged."""
+    from onnx import helper
+
+    nodes = [helper.make_node("HardSigmoid", ["a"], ["ga"], alpha=1 / 6, beta=0.5),   # a: hard-swish
+             helper.make_node("Mul", ["a", "ga"], ["swish"]),
+             helper.make_node("HardSigmoid", ["b"], ["gate"], alpha=1 / 6, beta=0.5),  # b: SE gate
+             helper.make_node("HardSigmoid", ["c"], ["gc"], alpha=1 / 6, beta=0.5),   # c: also read by Add
+             helper.make_node("Mul", ["c", "gc"], ["swish_c"]),
+             helper.make_node("Add", ["c", "swish_c"], ["sum_c"])]
+    shape = [1, 3, 4, 4]
+    model = _graph(nodes, {}, [("a", shape), ("b", shape), ("c", shape)],
+                   [("swish", shape), ("gate", shape), ("sum_c", shape)])
+    original = model.SerializeToString()
+    assert clip_hard_sigmoid_inputs(model) == 2
+    clips = {n.input[0]: [float(onnx.numpy_helper.to_array(i)) for i in model.graph.initializer if i.name in n.input]
+             for n in model.graph.node if n.op_type == "Clip"}
+    assert clips == {"a": [-3.0], "b": [-3.0, 3.0]}
+
+    import onnxruntime as ort
+
+    feeds = {k: 10 * np.random.default_rng(0).standard_normal(shape).astype(np.float32) for k in "abc"}
+    run = [ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, feeds)
+           for m in (original, model.SerializeToString())]
+    for before, after in zip(*run, strict=True):
+        np.testing.assert_array_equal(after, before)
+
+
+@pytest.mark.parametrize(("out_zero_point", "out_scale", "rewritten"),
+                         [(0, 1 / 255, True), (0, 0.5 / 255, True), (10, 1 / 255, False), (0, 2 / 255, False)])
+def test_hard_sigmoid_becomes_an_add_only_where_saturation_is_its_clip(out_zero_point, out_scale, rewritten):
+    """DQ -> HardSigmoid -> Q is rewritten when the output's uint8 range is [0, <= 1] (saturation
+    then clips like HardSigmoid), and gives the same uint8 values; otherwise it is left alone."""
+    from onnx import TensorProto, helper
+
+    inits = {"s": np.array(0.05, np.float32), "z": np.array(128, np.uint8),
+             "sh": np.array(out_scale, np.float32), "zh": np.array(out_zero_point, np.uint8)}
+    nodes = [helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["x"]),
+             helper.make_node("HardSigmoid", ["x"], ["h"], alpha=1 / 6, beta=0.5),
+             helper.make_node("QuantizeLinear", ["h", "sh", "zh"], ["hq"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("xq", TensorProto.UINT8, [256])],
+                              [helper.make_tensor_value_info("hq", TensorProto.UINT8, [256])],
+                              [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    original = model.SerializeToString()
+    assert integer_hard_sigmoids(model) == int(rewritten)
+    assert ("HardSigmoid" in {n.op_type for n in model.graph.node}) != rewritten
+
+    import onnxruntime as ort
+
+    def run(serialised: bytes) -> np.ndarray:
+        session = ort.InferenceSession(serialised, providers=["CPUExecutionProvider"])
+        return session.run(None, {"xq": np.arange(256, dtype=np.uint8)})[0]
+
+    got, before = run(model.SerializeToString()).astype(int), run(original).astype(int)
+    # both are a correct rounding of the exact HardSigmoid; they may differ only at exact .5 ties
+    x = 0.05 * (np.arange(256) - 128.0)
+    exact = np.clip(x / 6 + 0.5, 0, 1) / out_scale + out_zero_point
+    assert np.all(np.abs(got - np.clip(exact, 0, 255)) <= 0.5 + 1e-6)
+    ties = np.isclose(exact % 1, 0.5)
+    np.testing.assert_array_equal(got[~ties], before[~ties])
 
 
 def test_torch_fx_int8_is_quantised_and_close(net_and_images):

@@ -4,30 +4,42 @@
   is first pre-processed (`quant_pre_process`: shape inference and onnxruntime's graph optimisation,
   which folds BatchNorm into the convolutions so they quantise as one op), then activations are
   calibrated with min-max ranges over the calibration images; weights are int8 per output channel,
-  activations uint8 per tensor (U8S8, onnxruntime's recommended combination on x86), written as
+  activations uint8 per tensor (U8S8, onnxruntime's fast combination on x86), written as
   QuantizeLinear/DequantizeLinear pairs that onnxruntime fuses into integer kernels (QDQ format).
+  Two exact rewrites (`src.deploy.qdq_rewrites`) keep global average pools and HardSigmoid (SE gates,
+  hard-swish) in integer arithmetic, so a MobileNetV3 runs without float islands.
 * `quantize_torch_fx`: PyTorch's own INT8 path available in torch 2.14 without extra packages,
   FX graph-mode quantisation with the `x86` backend (fbgemm/oneDNN kernels). The PT2E flow has moved
   to the separate torchao package, which this project does not depend on.
 
-docs/deployment.md says which is faster on x86 CPUs and why, from `scripts/int8_backends.py`; the
-deployment path (`scripts/export.py int8=true`, the latency tables) uses onnxruntime.
+docs/deployment.md says which is faster on x86 CPUs and why, and which onnxruntime quantiser options
+were measured for this recipe (scripts/int8_recipes.py); the deployment path (`scripts/export.py
+int8=true`, the latency tables) uses onnxruntime.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
 from src.deploy.onnx_export import INPUT_NAME
+from src.deploy.qdq_rewrites import (
+    clip_hard_sigmoid_inputs,
+    global_average_pools,
+    integer_hard_sigmoids,
+)
 from src.utils.errors import AutoclsError
 
 log = logging.getLogger(__name__)
@@ -53,9 +65,16 @@ def quantize_onnx_static(
     *,
     per_channel: bool = True,
     batch_size: int = 32,
+    integer_rewrites: bool = True,
+    quantizer_options: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write an INT8 (QDQ) copy of the ONNX model `fp32_path` to `out_path`, with activation ranges
-    calibrated on `calibration` (normalised images, N x C x H x W)."""
+    calibrated on `calibration` (normalised images, N x C x H x W).
+
+    `integer_rewrites=False` skips the `qdq_rewrites` (onnxruntime's quantiser alone);
+    `quantizer_options` override keyword arguments of `onnxruntime.quantization.quantize_static`
+    (`quant_format`, `activation_type`, `extra_options`, ...). Both exist to compare recipes
+    (scripts/int8_recipes.py); the defaults are the recipe docs/deployment.md ("INT8 recipe") argues for."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -83,16 +102,23 @@ def quantize_onnx_static(
         warnings.simplefilter("ignore")
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))
-        quantize_static(
-            str(prepared),
-            str(out_path),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=per_channel,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
+        model = onnx.load(str(prepared))
+        if integer_rewrites and global_average_pools(model) + clip_hard_sigmoid_inputs(model):
+            onnx.save(model, str(prepared))
+        options = {
+            "quant_format": QuantFormat.QDQ,
+            "per_channel": per_channel,
+            "activation_type": QuantType.QUInt8,
+            "weight_type": QuantType.QInt8,
+            "calibrate_method": CalibrationMethod.MinMax,
+            **(quantizer_options or {}),
+        }
+        with contextlib.redirect_stdout(io.StringIO()) as printed:  # histogram calibrators print progress
+            quantize_static(str(prepared), str(out_path), Reader(), **options)
+        log.debug(printed.getvalue())
+        quantized = onnx.load(str(out_path))
+        if integer_rewrites and integer_hard_sigmoids(quantized):
+            onnx.save(quantized, str(out_path))
     log.info(f"INT8 (onnxruntime, calibrated on {len(calibration)} images) -> {out_path}")
     return out_path
 
