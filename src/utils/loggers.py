@@ -25,3 +25,14 @@ def _wandb_logged_in() -> bool:
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
     return any("wandb" in host for host in hosts)
+
+
+def finish_loggers(loggers) -> None:
+    """End the runs of `loggers` once a task is done. W&B keeps one active run per process, and a new
+    `WandbLogger` attaches to it instead of starting its own: without this, every trial of an in-process
+    Hydra multirun would write into the first trial's W&B run."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in loggers or []:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:  # only a run it started
+            logger.experiment.finish()
