@@ -67,7 +67,7 @@ def compose_run(data_dir: Path, out: Path, args, augmentation: str) -> object:
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train.yaml", overrides=overrides)
     with open_dict(cfg):
-        for key in ("model_checkpoint", "rich_progress_bar", "model_summary", "checkpoint_on_interrupt"):
+        for key in ("model_checkpoint", "last_checkpoint", "rich_progress_bar", "model_summary", "checkpoint_on_interrupt"):
             cfg.callbacks.pop(key, None)
         # the NaN guard reads the loss, which waits for the GPU: every 50 steps, as experiment=cifar10_speedrun
         cfg.callbacks.finite_loss.check_every_n_steps = 50

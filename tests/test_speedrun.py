@@ -261,3 +261,24 @@ def test_throughput_callback_counts_the_images_after_warmup():
     assert timer._images == 2 * 32  # the batches of steps 1 and 2
     assert timer.images_per_second > 0 and timer.fit_seconds > 0
     assert timer.images_per_second > 64 / timer.fit_seconds  # the measured interval is inside the fit
+
+
+def test_bench_throughput_smoke_runs_every_path(cifar_jpg_dir):
+    """scripts/bench_throughput.py end to end at smoke size on CPU: (a), (b) and (c) and the augmentation
+    cost table (a config change once broke (b): the script must drop every checkpoint callback)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(root / "scripts" / "bench_throughput.py"), "--data-dir", str(cifar_jpg_dir), "--device", "cpu",
+         "--steps", "2", "--warmup", "1", "--batch-size", "16", "--augmentations", "none", "cutout"],
+        check=False, cwd=root, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for line in ("(a) raw loop:", "(b) ours, augmentation=none:", "(b) ours, augmentation=standard:", "(c) peer:"):
+        assert line in result.stdout
+    assert "| cutout |" in result.stdout and "| none |" in result.stdout
