@@ -45,13 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    from src.utils.errors import AutoclsError
+    from src.utils.task import user_errors_as_messages
 
-    try:
-        print(benchmark(args))
-    except AutoclsError as err:
-        print(f"Error: {err}", file=sys.stderr)
-        sys.exit(2)
+    print(user_errors_as_messages(benchmark)(args))
 
 
 def benchmark(args: argparse.Namespace) -> str:

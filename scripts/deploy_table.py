@@ -44,17 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    from src.utils.errors import AutoclsError
+    from src.utils.task import print_report, user_errors_as_messages
 
-    try:
-        text = make_table(args)
-    except AutoclsError as err:
-        print(f"Error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    print_report(user_errors_as_messages(make_table)(args), args.out)
 
 
 def make_table(args: argparse.Namespace) -> str:

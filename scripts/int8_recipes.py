@@ -77,17 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     args = parser.parse_args(argv)
 
-    from src.utils.errors import AutoclsError
+    from src.utils.task import print_report, user_errors_as_messages
 
-    try:
-        text = make_report(args)
-    except AutoclsError as err:
-        print(f"Error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    print_report(user_errors_as_messages(make_report)(args), args.out)
 
 
 # --- building the graphs ----------------------------------------------------------------------------

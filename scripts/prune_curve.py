@@ -42,13 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):  # fine-tuning's chatter
         logging.getLogger(name).setLevel(logging.WARNING)
 
-    from src.utils.errors import AutoclsError
+    from src.utils.task import user_errors_as_messages
 
-    try:
-        print(prune_curve(args))
-    except AutoclsError as err:
-        print(f"Error: {err}", file=sys.stderr)
-        sys.exit(2)
+    print(user_errors_as_messages(prune_curve)(args))
 
 
 def prune_curve(args: argparse.Namespace) -> str:

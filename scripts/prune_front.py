@@ -41,17 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
-    from src.utils.errors import AutoclsError
+    from src.utils.task import print_report, user_errors_as_messages
 
-    try:
-        text = prune_front(args)
-    except AutoclsError as err:
-        print(f"Error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    print_report(user_errors_as_messages(prune_front)(args), args.out)
 
 
 def prune_front(args: argparse.Namespace) -> str:

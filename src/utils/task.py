@@ -29,6 +29,14 @@ def user_errors_as_messages(task: Callable) -> Callable:
     return wrapper
 
 
+def print_report(text: str, out: Path | None = None) -> None:
+    """Print a script's (markdown) report; also write it to `out`, a script's --out file, when given."""
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+
+
 def reject_unknown_options(argv: Sequence[str], config_file: str | Path) -> None:
     """For scripts whose options are the top-level keys of one config: an override of a key that is
     not there (`topkk=3`) becomes one sentence naming the close options, instead of Hydra's
