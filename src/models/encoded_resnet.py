@@ -11,15 +11,14 @@ from __future__ import annotations
 
 from itertools import pairwise
 
-import torch
 from torch import nn
 
-from src.models.resnet_cifar import BasicBlock
+from src.models.resnet_cifar import BasicBlock, StagedNet
 from src.nas.backbone_space import BackboneEncoding
 from src.utils.errors import AutoclsError
 
 
-class EncodedResNet(nn.Module):
+class EncodedResNet(StagedNet):
     """See the module docstring.
 
     Args:
@@ -67,27 +66,3 @@ class EncodedResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def _make_classifier(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
-        """timm's grouping: the stem, then each stage (coarse) or block (fine); the head last."""
-        return {"stem": r"^stem\.", "blocks": r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)"}
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.fc = self._make_classifier(num_classes)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stages(self.stem(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(self.global_pool(x).flatten(1))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
