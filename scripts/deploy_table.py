@@ -3,10 +3,10 @@ INT8 at 1 and 2 threads for ResNet-18 (CIFAR stem) and timm's MobileNetV3-Large,
 top-1 change of a model trained on the shared CIFAR-10 copy. scripts/int8_recipes.py compares INT8
 recipes (quantiser options) on the same models.
 
-    python scripts/deploy_table.py --ckpt <train.py checkpoint on data/cifar10_jpg_600> [--out docs/deploy_table.md]
+    python scripts/deploy_table.py --ckpt <train.py checkpoints on data/cifar10_jpg_600> [--out docs/deploy_table.md]
 
 The latency models have random weights (latency does not depend on the values; INT8 is calibrated on
-random images for them); the checkpoint's own network is timed too, with INT8 calibrated on its
+random images for them); each checkpoint's own network is timed too, with INT8 calibrated on its
 training images, and its test split gives the top-1 of fp32 and INT8 in onnxruntime. Ratios are
 against eager (and INT8 against fp32) measured in the same run. Without --ckpt only the latency
 table is made.
@@ -34,7 +34,8 @@ MODELS = [
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", default=None, help="a train.py checkpoint trained on the shared CIFAR-10 copy")
+    parser.add_argument("--ckpt", nargs="*", default=[],
+                        help="train.py checkpoints trained on the shared CIFAR-10 copy (each gets rows)")
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=100)
@@ -64,10 +65,11 @@ def make_table(args: argparse.Namespace) -> str:
     lines = [f"Machine: {describe_machine()}",
              f"Batch 1, median (p90) of {args.repeats} timed calls after {args.warmup} warm-up, per thread count.", ""]
     rows = []
-    accuracy = None
-    if args.ckpt:
-        accuracy = int8_accuracy(args.ckpt, calibration_images=args.calibration_images)
-        rows += latency_rows("checkpoint (trained, see below)", accuracy["net"], accuracy["input_shape"],
+    accuracies = {}
+    for ckpt in args.ckpt:
+        accuracy = int8_accuracy(ckpt, calibration_images=args.calibration_images)
+        accuracies[ckpt] = accuracy
+        rows += latency_rows(f"trained {checkpoint_name(ckpt)} (see below)", accuracy["net"], accuracy["input_shape"],
                              accuracy["calibration"], args.threads, warmup=args.warmup, repeats=args.repeats)
     if not args.skip_models:
         for name, config, overrides, size in MODELS:
@@ -76,19 +78,25 @@ def make_table(args: argparse.Namespace) -> str:
             rows += latency_rows(name, net, (3, size, size), calibration, args.threads,
                                  warmup=args.warmup, repeats=args.repeats)
     lines.append(latency_markdown(rows))
-    if accuracy is not None:
-        summary = training_summary(args.ckpt)
+    for ckpt, accuracy in accuracies.items():
+        summary = training_summary(ckpt)
         trained_for = (f"{summary['epochs_completed']} epochs ({summary['global_step']} optimizer steps, batch "
                        f"{summary['batch_size']}) on {accuracy['train_images']} training images of {summary['data_dir']}")
         if summary.get("train_wall_time_s") is not None:
             trained_for += f", {summary['train_wall_time_s'] / 60:.1f} min of train.py wall time"
         lines += [
             "",
-            f"INT8 accuracy of {args.ckpt}: {summary['net']} {summary['net_config']}, trained for {trained_for}.",
+            f"INT8 accuracy of {ckpt}: {summary['net']} {summary['net_config']}, trained for {trained_for}.",
             "",
             markdown_rows(accuracy),
         ]
     return "\n".join(lines)
+
+
+def checkpoint_name(ckpt: str) -> str:
+    """The run directory's name (`logs/deploy/<run>/checkpoints/epoch_013.ckpt` -> `<run>`)."""
+    path = Path(ckpt)
+    return path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
 
 
 def markdown_rows(accuracy: dict) -> str:

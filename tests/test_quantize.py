@@ -3,6 +3,8 @@ src/deploy/qdq_rewrites.py) and torch.ao (FX, x86)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -286,7 +288,7 @@ def test_deploy_table_reports_int8_accuracy_and_training_length(compose_train, t
     _script("deploy_table").main(["--ckpt", fit["best_ckpt"], "--skip-models", "--threads", "1",
                                   "--repeats", "3", "--warmup", "1", "--out", str(tmp_path / "table.md")])
     out = capsys.readouterr().out
-    assert "| checkpoint (trained, see below) | 1 |" in out
+    assert f"| trained {Path(fit['best_ckpt']).parent.parent.name} (see below) | 1 |" in out
     assert "trained for 2 epochs (38 optimizer steps, batch 64) on 1258 training images" in out
     row = next(line for line in out.splitlines() if line.startswith("| test | 270 |"))
     eager, fp32, int8, drop = (cell.strip() for cell in row.split("|")[3:7])
