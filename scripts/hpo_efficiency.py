@@ -122,7 +122,9 @@ def pretrain(source: Path, work: Path, args) -> Path:
 
 def sweep_overrides(method: str, args) -> list[str]:
     search = "transfer_grid" if method == "grid" else "transfer_tpe"
-    common = [f"hparams_search={search}", f"hydra.sweeper.study_name=transfer_{method}"]
+    # the table needs each trial's metrics only: keep the best trial's checkpoints, not ~150 MB per trial
+    common = [f"hparams_search={search}", f"hydra.sweeper.study_name=transfer_{method}",
+              "hydra.sweeper.keep_checkpoints=best"]
     if args.lr_scale != 1:
         common.append(lr_space(method, args.lr_scale))
     if method == "tpe":

@@ -52,6 +52,7 @@ def test_sweep_records_complete_pruned_and_failed_trials_and_writes_results(tmp_
         tmp_path, "trainer.max_epochs=2", "hydra/sweeper/sampler=grid",
         "optimizer.lr=choice(1e-2,1e-6)", "model.net.width=choice(8,-1)",
         "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner", "+hydra.sweeper.pruner.lower=0.3",
+        "hydra.sweeper.keep_checkpoints=best",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     sweep_dir = tmp_path / "train" / "hpo" / "digits_tpe"
@@ -75,6 +76,35 @@ def test_sweep_records_complete_pruned_and_failed_trials_and_writes_results(tmp_
     assert (sweep_dir / "optimization_history.png").stat().st_size > 10_000
     assert (sweep_dir / "intermediate_values.png").is_file()
     assert "the sweep continues" in result.stdout + result.stderr
+    # keep_checkpoints=best: only the best trial keeps its checkpoints
+    assert list((Path(complete["run_dir"]) / "checkpoints").glob("*.ckpt"))
+    assert not (Path(pruned["run_dir"]) / "checkpoints").exists()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_full_disk_stops_the_sweep_and_the_rerun_retries_the_trial(tmp_path):
+    """A trial that hits "no space left on device" (here: a callback copying a file to /dev/full) would be
+    followed by every later trial: the sweep stops with one sentence, and the rerun retries that point."""
+    source = tmp_path / "payload.txt"
+    source.write_text("x" * 1000)
+    full_disk = ["+callbacks.fill_disk._target_=shutil.copyfile", f"+callbacks.fill_disk.src={source}",
+                 "+callbacks.fill_disk.dst=/dev/full"]
+    result = run_sweep(tmp_path, "hydra.sweeper.n_trials=2", *full_disk)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert re.match(r"Error: Trial 0 stopped: no space left on device; free space .* and rerun the "
+                    "same command", lines[0]), lines[0]
+    sweep_dir = tmp_path / "train" / "hpo" / "digits_tpe"
+    (cut_short,) = load_study(sweep_dir).trials[:1]
+    assert cut_short.user_attrs.get("interrupted") and cut_short.state == optuna.trial.TrialState.FAIL
+
+    result = run_sweep(tmp_path, "hydra.sweeper.n_trials=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_csv(sweep_dir / "trials.csv")
+    assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"]
+    retried = {k: float(v) for k, v in load_study(sweep_dir).trials[1].params.items()}
+    assert retried == pytest.approx(cut_short.params)
 
 
 @pytest.mark.slow
@@ -126,8 +156,10 @@ hydra:
          r"Error: Cannot open the Optuna storage 'sqlite:////nonexistent_autocls_dir/x/study.db'"),
         (["optimized_metric=val/accuracy"],
          r"Error: optimized_metric=val/accuracy is not a metric this run logs \(it logs: .*val/acc.*\); set "),
+        (["hydra.sweeper.keep_checkpoints=some"],
+         r"Error: hydra.sweeper.keep_checkpoints='some' is not one of all, best; "),
     ],
-    ids=["malformed_space", "storage", "metric_never_logged"],
+    ids=["malformed_space", "storage", "metric_never_logged", "keep_checkpoints"],
 )
 def test_bad_sweep_input_is_one_sentence(tmp_path, overrides, message):
     """A malformed space in a search config, a storage that cannot be opened, a metric the run never logs

@@ -13,7 +13,8 @@ Resuming and sharing a study rest on three rules:
 * Trials run in `<sweep dir>/<trial number>`, stable across reruns and workers.
 
 A crashing trial is recorded as FAIL with its one-line error and the sweep goes on, unless the error is a
-`ConfigError` (a mistake every trial would repeat: the sweep stops with its sentence); a pruned trial (the
+`ConfigError` (a mistake every trial would repeat: the sweep stops with its sentence) or a full disk (the
+trial is cut short and queued again, and the sweep stops with a sentence); a pruned trial (the
 `OptunaPruning` callback tells the storage itself) stays PRUNED.
 """
 
@@ -48,7 +49,8 @@ from src.hpo.report import (
 from src.hpo.samplers import GridSearchSampler
 from src.hpo.search_space import SearchSpace, parse_search_space, value_text
 from src.hpo.storage import open_storage, storage_spec
-from src.utils.errors import AutoclsError, ConfigError, find_user_error
+from src.hpo.trial_checkpoints import check_keep_setting, drop_checkpoints
+from src.utils.errors import AutoclsError, ConfigError, find_disk_full, find_user_error
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,7 @@ class OptunaSweep:
     # --- the loop --------------------------------------------------------------------------------
 
     def run(self, arguments: list[str]) -> dict:
+        self.keep_checkpoints = check_keep_setting(str(self.settings.get("keep_checkpoints") or "all"))
         space = parse_search_space(self.settings.get("params"), arguments)
         self.space = space
         if not space.distributions:
@@ -170,6 +173,8 @@ class OptunaSweep:
             if not batch:
                 break
             self._run_batch(study, batch)
+            if self.keep_checkpoints == "best":
+                drop_checkpoints(study)
             write_report(study, self.objectives, self.sweep_dir, plots=False, verbatim=frozenset(space.verbatim))
         results = write_report(study, self.objectives, self.sweep_dir, verbatim=frozenset(space.verbatim))
         self._log_summary(results)
@@ -250,6 +255,8 @@ class OptunaSweep:
         for trial, ret in zip(batch, returns):
             stop = self._tell(study, trial, ret) or stop
         if stop is not None:
+            if self.keep_checkpoints == "best":
+                drop_checkpoints(study)
             raise stop
 
     def _tell(self, study: optuna.Study, trial: optuna.trial.Trial, ret: JobReturn) -> AutoclsError | None:
@@ -260,6 +267,14 @@ class OptunaSweep:
             return None
         if ret.status != JobStatus.COMPLETED:
             error = ret._return_value  # JobReturn.return_value re-raises for failed jobs
+            disk_full = find_disk_full(error) if isinstance(error, BaseException) else None
+            if disk_full is not None:  # every later trial would fail too: stop, and retry this one next run
+                self._close_cut_short(study, trial.number, trial.params)
+                where = f" writing {disk_full.filename}" if disk_full.filename else ""
+                return AutoclsError(
+                    f"Trial {trial.number} stopped: no space left on device{where}; "
+                    "free space (hydra.sweeper.keep_checkpoints=best keeps only the best trials' checkpoints) "
+                    "and rerun the same command: the sweep resumes and retries this trial.")
             user_error = find_user_error(error) if isinstance(error, BaseException) else None
             # one line for the table (Hydra's InstantiationException spreads its cause over several)
             message = str(user_error) if user_error else " ".join(f"{type(error).__name__}: {error}".split())

@@ -37,6 +37,9 @@ class AutoclsOptunaSweeperConf:
     n_jobs: int = 1
     # seconds after which this worker starts no new batch
     timeout: float | None = None
+    # "all", or "best": delete the checkpoints of finished trials that are not the best (or not on the
+    # Pareto front) after each batch, so a long sweep does not fill the disk (src/hpo/trial_checkpoints.py)
+    keep_checkpoints: str = "all"
     # the search space: `key: choice(...) | range(...) | interval(...) | tag(log, interval(...)) | [a, b]`;
     # plain values are fixed overrides for every trial
     params: Any | None = None

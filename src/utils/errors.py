@@ -8,6 +8,8 @@ traceback.
 
 from __future__ import annotations
 
+import errno
+
 
 class AutoclsError(Exception):
     """A user-fixable error; `str(err)` is one sentence that names the fix."""
@@ -19,13 +21,21 @@ class ConfigError(AutoclsError):
     it instead of recording the same failure for every trial."""
 
 
+def _chain(exc: BaseException | None):
+    """`exc` and the exceptions behind it (`raise ... from`, or raised while handling)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        yield exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+
+
 def find_user_error(exc: BaseException | None) -> AutoclsError | None:
     """Return the `AutoclsError` behind `exc`, looking through wrappers such as Hydra's
     `InstantiationException` (which re-raises with `from`), or None if there is none."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, AutoclsError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
+    return next((e for e in _chain(exc) if isinstance(e, AutoclsError)), None)
+
+
+def find_disk_full(exc: BaseException | None) -> OSError | None:
+    """The "no space left on device" error behind `exc`, if that is what stopped it."""
+    return next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno == errno.ENOSPC), None)
