@@ -107,6 +107,19 @@ def test_full_disk_stops_the_sweep_and_the_rerun_retries_the_trial(tmp_path):
     assert retried == pytest.approx(cut_short.params)
 
 
+def test_resumed_grid_covers_every_point_once(tmp_path):
+    """A seeded grid stopped after 2 of its 4 points and resumed: the other 2 run, none twice (the grid
+    sampler shuffles the grid with its seed, so a resumed one must not be re-seeded)."""
+    grid = ["hydra/sweeper/sampler=grid", "hydra.sweeper.sampler.seed=42", "optimizer.lr=choice(1e-2,2e-2)",
+            "model.net.width=choice(8,12)"]
+    for n_trials in ("2", "null"):
+        result = run_sweep(tmp_path, f"hydra.sweeper.n_trials={n_trials}", *grid)
+        assert result.returncode == 0, result.stderr[-3000:]
+    study = load_study(tmp_path / "train" / "hpo" / "digits_tpe")
+    points = sorted((t.params["optimizer.lr"], t.params["model.net.width"]) for t in study.trials)
+    assert points == [(1e-2, 8), (1e-2, 12), (2e-2, 8), (2e-2, 12)]
+
+
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     """Kill -9 during trial 1 of 3, rerun the same command: trial 0 is kept (its metrics.json untouched),

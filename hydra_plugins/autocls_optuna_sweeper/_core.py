@@ -96,17 +96,19 @@ class OptunaSweep:
     def _sampler(self, space: SearchSpace, n_existing: int):
         """The configured sampler. A seeded sampler joining a study that already has trials (a resumed
         sweep, a second worker) is seeded with seed + their number: with the plain seed it would replay
-        the first run's random start-up draws and repeat those trials."""
+        the first run's random start-up draws and repeat those trials. The grid sampler keeps its seed: it
+        shuffles the grid with it, and a resumed grid must see the same order (else it repeats points)."""
         cfg = self.settings.get("sampler")
         if not cfg:
             return optuna.samplers.TPESampler()
         kwargs = _arguments(cfg)
-        if kwargs.get("seed") is not None and n_existing:
-            kwargs["seed"] = int(kwargs["seed"]) + n_existing
         cls = get_class(cfg["_target_"])
         if issubclass(cls, optuna.samplers.GridSampler):
+            # not re-seeded: the seed shuffles the grid, and the trials' grid ids index that order
             cls = GridSearchSampler if cls is optuna.samplers.GridSampler else cls
             kwargs.setdefault("search_space", space.grid())
+        elif kwargs.get("seed") is not None and n_existing:
+            kwargs["seed"] = int(kwargs["seed"]) + n_existing
         return cls(**_accepted(cls, kwargs, "hydra.sweeper.sampler"))
 
     def _pruner(self):
