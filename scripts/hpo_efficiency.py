@@ -162,8 +162,8 @@ def main() -> None:
     parser.add_argument("--lr-scale", type=float, default=1.0,
                         help="multiplies the lr axis of both spaces (centre it on the task's best lr)")
     parser.add_argument("--tpe-trials", type=int, default=10)
-    parser.add_argument("--asha-trials", type=int, default=30)
-    parser.add_argument("--bohb-trials", type=int, default=30)
+    parser.add_argument("--asha-trials", type=int, default=25)
+    parser.add_argument("--bohb-trials", type=int, default=20)
     parser.add_argument("--replay-seeds", type=int, default=50,
                         help="seeds per method replayed on the finished grid's curves (0: no replay)")
     parser.add_argument("--gpu", action="store_true", help="trainer=gpu for every run")

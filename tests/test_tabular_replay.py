@@ -106,11 +106,12 @@ def test_replay_without_pruner_trains_every_trial_fully():
 def test_replay_is_deterministic_per_seed():
     table = make_table()
 
-    def tpe(seed):
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=2), optuna.pruners.NopPruner(), 4
+    def bohb(seed):
+        pruner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=4, reduction_factor=3)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=2), pruner, 6
 
-    first, second = (replay_many(table, {"tpe": tpe}, [0, 1, 2])["tpe"] for _ in range(2))
-    assert [(r.best.params, r.epochs) for r in first] == [(r.best.params, r.epochs) for r in second]
+    first, second = (replay_many(table, {"bohb": bohb}, [0, 1, 2])["bohb"] for _ in range(2))
+    assert [(r.best.params, r.epochs, r.pruned) for r in first] == [(r.best.params, r.epochs, r.pruned) for r in second]
 
 
 def test_summary_gaps_and_compute_against_the_grid():

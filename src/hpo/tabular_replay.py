@@ -100,7 +100,9 @@ class ReplayResult:
 def replay(table: GridTable, sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner,
            n_trials: int, *, method: str = "", seed: int = 0) -> ReplayResult:
     """Run `n_trials` sequential trials of one sampler/pruner on the table, as the live sweeper would."""
-    study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
+    # named: Optuna's Hyperband assigns trials to brackets by hashing the study name with the trial number
+    study = optuna.create_study(study_name=f"replay-{method}-{seed}", direction="maximize", sampler=sampler,
+                                pruner=pruner)
     epochs = 0
 
     def objective(trial: optuna.Trial) -> float:
