@@ -175,8 +175,6 @@ class OptunaSweep:
             if not batch:
                 break
             self._run_batch(study, batch)
-            if self.keep_checkpoints == "best":
-                drop_checkpoints(study)
             write_report(study, self.objectives, self.sweep_dir, plots=False, verbatim=frozenset(space.verbatim))
         results = write_report(study, self.objectives, self.sweep_dir, verbatim=frozenset(space.verbatim))
         self._log_summary(results)
@@ -256,9 +254,9 @@ class OptunaSweep:
         stop: AutoclsError | None = None
         for trial, ret in zip(batch, returns):
             stop = self._tell(study, trial, ret) or stop
+        if self.keep_checkpoints == "best":
+            drop_checkpoints(study)
         if stop is not None:
-            if self.keep_checkpoints == "best":
-                drop_checkpoints(study)
             raise stop
 
     def _tell(self, study: optuna.Study, trial: optuna.trial.Trial, ret: JobReturn) -> AutoclsError | None:
