@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from src.models.classifier_contract import TimmClassifier
 from src.models.regularizers import Disout
 from src.utils.errors import AutoclsError
 
@@ -143,13 +144,11 @@ def _check_rate(name: str, value: float) -> None:
         raise AutoclsError(f"model.net.{name}={value} must be in [0, 1); use 0 to switch it off.")
 
 
-class StagedNet(nn.Module):
-    """timm's classifier contract for a network built as `stem` -> `stages` (an nn.Sequential of
-    stages, each an nn.Sequential of blocks) -> `global_pool` -> `head_drop` -> `fc`. Subclasses
-    build those modules and set `num_features` and `num_classes`; `fc` comes from `_make_classifier`."""
-
-    def _make_classifier(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+class StagedNet(TimmClassifier):
+    """timm's classifier contract (`TimmClassifier`) for a network built as `stem` -> `stages` (an
+    nn.Sequential of stages, each an nn.Sequential of blocks) -> `global_pool` -> `head_drop` -> `fc`.
+    Subclasses build those modules and set `num_features` and `num_classes`; `fc` comes from
+    `_make_classifier`."""
 
     def group_matcher(self, coarse: bool = False) -> dict[str, str]:
         """timm's parameter grouping (stages for `optimizer.lr_mult_list`, layers for
@@ -157,25 +156,9 @@ class StagedNet(nn.Module):
         unmatched classifier forms the last group."""
         return {"stem": r"^stem\.", "blocks": r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)"}
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one for `num_classes` (0: identity, as in timm)."""
-        self.num_classes = num_classes
-        self.fc = self._make_classifier(num_classes)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The feature map before pooling, (B, num_features, h, w)."""
         return self.stages(self.stem(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool, flatten and dropout; then classify unless `pre_logits` (returns (B, num_features))."""
-        x = self.head_drop(self.global_pool(x).flatten(1))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 class CifarResNet(StagedNet):

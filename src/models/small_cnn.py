@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from src.models.classifier_contract import TimmClassifier
+
 
 def _conv_bn_relu(in_chans: int, out_chans: int) -> nn.Sequential:
     # bias=False: the following BatchNorm has its own shift, a conv bias would be redundant.
@@ -19,7 +21,7 @@ def _conv_bn_relu(in_chans: int, out_chans: int) -> nn.Sequential:
     )
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(TimmClassifier):
     """Three conv-BN-ReLU blocks (width, 2*width, 4*width) with one 2x2 max-pool, then global
     average pooling, dropout and a linear classifier.
 
@@ -48,9 +50,6 @@ class SmallCNN(nn.Module):
         self.fc = self._make_classifier(num_classes)
         self._init_weights()
 
-    def _make_classifier(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -66,22 +65,6 @@ class SmallCNN(nn.Module):
         fine are the same here); the unmatched classifier forms the last group."""
         return {"stem": r"^features\.0\.", "blocks": r"^features\.(\d+)\."}
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one for `num_classes` (0: identity, as in timm)."""
-        self.num_classes = num_classes
-        self.fc = self._make_classifier(num_classes)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Feature map before pooling, shape (B, num_features, H', W')."""
         return self.features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool, flatten and dropout; then classify unless `pre_logits` (returns (B, num_features))."""
-        x = self.head_drop(self.global_pool(x).flatten(1))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
