@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import subprocess
 import sys
@@ -80,14 +79,15 @@ def data_overrides(root: Path, batch_size: int) -> list[str]:
             "data.num_classes=null", "data.val_fraction=0.4", "augmentation=standard", f"data.batch_size={batch_size}"]
 
 
-# the lr axis of configs/hparams_search/transfer_{grid,tpe}.yaml, before --lr-scale
-GRID_LRS = (0.003125, 0.00625, 0.0125, 0.025)
-
-
 def lr_space(method: str, scale: float) -> str:
-    """The lr axis moved by `scale` (same shape: four points a factor 2 apart, or the log interval they
-    span), for a task whose best lr lies elsewhere than flowers102_finetune's."""
-    lrs = [f"{lr * scale:g}" for lr in GRID_LRS]
+    """The lr axis of configs/hparams_search/transfer_grid.yaml moved by `scale` (same shape: its points,
+    or the log interval they span), for a task whose best lr lies elsewhere than flowers102_finetune's."""
+    from omegaconf import OmegaConf
+
+    from src.hpo.search_space import parse_search_space
+
+    params = OmegaConf.load(ROOT / "configs/hparams_search/transfer_grid.yaml").hydra.sweeper.params
+    lrs = [f"{lr * scale:g}" for lr in sorted(parse_search_space(params).grid()["optimizer.lr"])]
     if method == "grid":
         return f"optimizer.lr=choice({','.join(lrs)})"
     return f"optimizer.lr=tag(log,interval({lrs[0]},{lrs[-1]}))"
@@ -211,17 +211,10 @@ def main() -> None:
         print(f"| {m} | {r['val']:.4f}{delta} | {test} | {r['trials']}{rel_t} | {r['pruned']} | {r['epochs']}{rel_e} |")
     replayed = {}
     grid_dir = work / "logs" / "train" / "hpo" / "transfer_grid"
-    if grid and args.replay_seeds and grid["trials"] == grid_size(grid_dir):
+    if grid and args.replay_seeds:
         replayed = replay_on_grid(grid_dir, args)
     (work / "hpo_efficiency.json").write_text(json.dumps(
         {"machine": describe_machine(), "results": results, "replayed_on_grid": replayed}, indent=2))
-
-
-def grid_size(grid_dir: Path) -> int:
-    with open(grid_dir / "trials.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["state"] == "COMPLETE"]
-    axes = [k for k in rows[0] if k.startswith("params/")]
-    return math.prod(len({r[k] for r in rows}) for k in axes)
 
 
 def replay_on_grid(grid_dir: Path, args) -> dict:
@@ -236,7 +229,11 @@ def replay_on_grid(grid_dir: Path, args) -> dict:
     from src.hpo.storage import open_storage
     from src.hpo.tabular_replay import load_grid_table, replay_many, summarise_replays
 
-    table = load_grid_table(open_storage(str(grid_dir / "optuna.journal")), "transfer_grid")
+    try:
+        table = load_grid_table(open_storage(str(grid_dir / "optuna.journal")), "transfer_grid")
+    except ValueError as err:  # an unfinished grid: the live table stands alone
+        print(f"\nNo replay: {err}.")
+        return {}
     tpe_startup = OmegaConf.load(ROOT / "configs/hparams_search/transfer_tpe.yaml").hydra.sweeper.sampler.n_startup_trials
 
     def build(group: str, name: str, **kwargs):

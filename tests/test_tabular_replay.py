@@ -31,14 +31,16 @@ def make_table(epochs: int = 4) -> GridTable:
     return GridTable(points)
 
 
-def write_grid_study(directory, table: GridTable, study_name: str) -> optuna.storages.BaseStorage:
-    """A finished grid sweep as the live sweeper leaves it: a journal study whose complete trials carry
-    their reported curves and run dirs (with metrics.json), plus one failed trial."""
+def write_grid_study(directory, table: GridTable, study_name: str, points: list[GridPoint] | None = None
+                     ) -> optuna.storages.BaseStorage:
+    """A grid sweep as the live sweeper leaves it: a journal study whose complete trials (`points`, by
+    default all of the table's) carry their reported curves and run dirs (with metrics.json), plus one
+    failed trial."""
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(directory / "optuna.journal")))
     study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize")
     distributions = {name: optuna.distributions.CategoricalDistribution(values) for name, values in table.axes.items()}
-    for n, point in enumerate(table.points):
+    for n, point in enumerate(table.points if points is None else points):
         study.enqueue_trial(point.params)
         trial = study.ask(distributions)
         run_dir = directory / str(n)
@@ -159,20 +161,17 @@ def test_hpo_efficiency_lr_axis_keeps_its_shape_when_scaled():
 def test_hpo_efficiency_replays_methods_on_a_finished_grid(tmp_path, capsys):
     """The script's replay: sampler/pruner settings from the sweeper's configs, a row per method."""
     import argparse
-    import csv
 
     script = _script("hpo_efficiency")
     table = make_table(epochs=9)
-    write_grid_study(tmp_path, table, "transfer_grid")
-    rows = [{"number": n, "state": "COMPLETE", "params/lr": p.params["lr"], "params/wd": p.params["wd"]}
-            for n, p in enumerate(table.points)]
-    with open(tmp_path / "trials.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    assert script.grid_size(tmp_path) == 6
-
     args = argparse.Namespace(tpe_trials=3, asha_trials=4, bohb_trials=4, replay_seeds=3)
+    # an unfinished grid (5 of its 6 points): no replay, one line saying why
+    (tmp_path / "partial").mkdir()
+    write_grid_study(tmp_path / "partial", table, "transfer_grid", points=table.points[:-1])
+    assert script.replay_on_grid(tmp_path / "partial", args) == {}
+    assert "No replay: the grid table has 5 distinct points of the 6" in capsys.readouterr().out
+
+    write_grid_study(tmp_path, table, "transfer_grid")
     summaries = script.replay_on_grid(tmp_path, args)
     out = capsys.readouterr().out
     assert set(summaries) == {"random", "tpe", "asha", "bohb"}
