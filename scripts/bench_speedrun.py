@@ -39,7 +39,7 @@ from omegaconf import open_dict
 
 from src.callbacks.throughput import Throughput
 from src.datamodules.archive import extract_image_archive
-from src.utils.instantiate import build_callbacks, build_datamodule
+from src.utils.instantiate import build_callbacks, build_datamodule, build_trainer
 from src.utils.machine import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def run_ours(data_dir: Path, seed: int, args) -> dict:
         datamodule = build_datamodule(cfg)
         model = instantiate(cfg.model)
         timer = Throughput()
-        trainer = instantiate(cfg.trainer, callbacks=[timer, *build_callbacks(cfg)], logger=False)
+        trainer = build_trainer(cfg, callbacks=[timer, *build_callbacks(cfg)], logger=False)
         trainer.fit(model, datamodule=datamodule)
         test = trainer.test(model, datamodule=datamodule, verbose=False)[0]
     return {"seconds": timer.fit_seconds, "acc": test["test/acc"]}

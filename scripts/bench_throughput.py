@@ -35,7 +35,7 @@ from src.callbacks.throughput import Throughput
 from src.datamodules.archive import extract_image_archive
 from src.models.resnet_cifar import resnet_cifar
 from src.optim.optimizers import build_optimizer
-from src.utils.instantiate import build_callbacks, build_datamodule
+from src.utils.instantiate import build_callbacks, build_datamodule, build_trainer
 from src.utils.machine import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def lightning_throughput(data_dir: Path, args, augmentation: str) -> float:
         datamodule = build_datamodule(cfg)
         model = instantiate(cfg.model)
         timer = Throughput(warmup_steps=args.warmup)
-        trainer = instantiate(cfg.trainer, callbacks=[timer, *build_callbacks(cfg)], logger=False)
+        trainer = build_trainer(cfg, callbacks=[timer, *build_callbacks(cfg)], logger=False)
         trainer.fit(model, datamodule=datamodule)
     return timer.images_per_second
 

@@ -13,7 +13,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.evaluation.extras import EvalExtras
 from src.utils.checkpoints import check_compatible, checkpoint_metadata, load_checkpoint
-from src.utils.instantiate import build_datamodule, build_loggers, resolve_ckpt_path
+from src.utils.errors import AutoclsError
+from src.utils.instantiate import (
+    build_datamodule,
+    build_loggers,
+    build_trainer,
+    resolve_ckpt_path,
+)
 from src.utils.reporting import report_metrics
 
 log = logging.getLogger(__name__)
@@ -24,6 +30,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     user chose a data config); writes `<run dir>/metrics.json` and returns the metrics."""
     start = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True)
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise AutoclsError("eval.py needs a checkpoint: pass ckpt_path=<run dir>/checkpoints/last.ckpt, or ckpt_path=last "
+                           "for the newest run under paths.log_dir.")
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir)
     ckpt = load_checkpoint(ckpt_path)
     run_cfg = OmegaConf.create(checkpoint_metadata(ckpt, ckpt_path)["config"])
@@ -44,7 +53,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     # test-time augmentation, confusion matrix, per-class accuracy and calibration, in the same pass
     extras = EvalExtras(cfg.paths.output_dir, tta=tta, ece_bins=cfg.get("ece_bins", 15))
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=build_loggers(cfg) or False, callbacks=[extras])
+    trainer = build_trainer(cfg, logger=build_loggers(cfg) or False, callbacks=[extras])
     with warnings.catch_warnings():
         # evaluation restores only the weights; the training callbacks' states are irrelevant here
         warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint.*")

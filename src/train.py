@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from src.callbacks.run_metadata import RunMetadata
@@ -16,6 +15,8 @@ from src.utils.instantiate import (
     build_callbacks,
     build_datamodule,
     build_loggers,
+    build_model,
+    build_trainer,
     config_to_dict,
     resolve_ckpt_path,
 )
@@ -33,11 +34,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
 
     datamodule = build_datamodule(cfg)
-    model = instantiate(cfg.model)
+    model = build_model(cfg, datamodule.num_classes)
     callbacks = build_callbacks(cfg) + [RunMetadata(config_to_dict(cfg))]
     loggers = build_loggers(cfg)
     try:
-        trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        trainer = build_trainer(cfg, callbacks=callbacks, logger=loggers or False)
         log_hyperparameters(trainer, cfg, model)
 
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir)

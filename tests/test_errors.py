@@ -121,3 +121,62 @@ def test_expected_class_count_is_checked(compose_train, tmp_path):
     with pytest.raises(Exception) as err:
         train(compose_train(["data=image_folder", f"data.data_dir={data}", "data.num_classes=5"]))
     _assert_one_sentence(err.value, "data.num_classes=5 but the data has 2 classes")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        # a network overridden to another size than the data: torch's "Target 7 is out of bounds" otherwise
+        (["model.net.num_classes=3"], ["model.net.num_classes=3 but the data has 10 classes", "drop the override"]),
+        (["data.batch_size=0"], ["data.batch_size=0 must be a positive whole number"]),
+        (["optimizer.lr=-1"], ["torch.optim rejects", "Invalid learning rate: -1", "optimizer.lr"]),
+        (["optimizer=sgd", "optimizer.momentum=-0.5"], ["Invalid momentum value: -0.5"]),
+        (["loss.label_smoothing=2"], ["loss.label_smoothing=2 must be in [0, 1)"]),
+        (["loss.temperature=0"], ["loss.temperature=0 must be positive"]),
+        # Lightning's "train forever" has no length for the per-step lr schedule (an OverflowError otherwise)
+        (["trainer.max_epochs=-1"], ["has no end", "trainer.max_epochs or trainer.max_steps"]),
+        (["trainer.accumulate_grad_batches=0"], ["trainer.accumulate_grad_batches=0 must be a whole number >= 1"]),
+        (["trainer.precision=fp8"], ["Lightning refuses the trainer settings", "Precision 'fp8' is invalid",
+                                     "trainer.* override"]),
+        (["trainer.devices=0"], ["Lightning refuses the trainer settings", "trainer.* override"]),
+        (["data=image_folder"], ["data.data_dir has no value", "pass data.data_dir=<value>"]),
+    ],
+)
+def test_bad_settings_end_in_one_sentence(compose_train, overrides, fragments):
+    with pytest.raises(Exception) as err:
+        train(compose_train(["trainer.max_epochs=1", *overrides]))
+    _assert_one_sentence(err.value, *fragments)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_gpu_trainer_without_a_gpu(compose_train):
+    with pytest.raises(Exception) as err:
+        train(compose_train(["trainer=gpu"]))
+    _assert_one_sentence(err.value, "trainer.accelerator=gpu needs a CUDA GPU", "use trainer=cpu")
+
+
+def test_pretrained_weights_without_network(compose_train, monkeypatch):
+    """An unreachable Hub (no network here, or a proxy) is an OSError inside timm: one sentence naming
+    the offline ways out. The download is made to fail even where a network is reachable."""
+    import timm
+
+    def unreachable(*args, **kwargs):
+        if kwargs.get("pretrained"):
+            raise ConnectionError("Name or service not known")  # what requests raises offline (an OSError)
+        return real(*args, **kwargs)
+
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", unreachable)
+    with pytest.raises(Exception) as err:
+        train(compose_train(["model/net=timm", "model.net.model_name=resnet18", "model.net.pretrained=true"]))
+    _assert_one_sentence(err.value, "Could not fetch the pretrained weights of timm model 'resnet18'",
+                         "model.net.pretrained=false")
+
+
+def test_eval_without_a_checkpoint(tmp_path):
+    result = _run_cli("eval.py", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    expected = ("Error: eval.py needs a checkpoint: pass ckpt_path=<run dir>/checkpoints/last.ckpt, or "
+                "ckpt_path=last for the newest run under paths.log_dir.")
+    assert errors == [expected], result.stderr[-2000:]

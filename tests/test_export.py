@@ -169,6 +169,8 @@ def test_export_bad_inputs_are_one_sentence(digits_ckpt, compose_export, tmp_pat
         export_checkpoint(compose_export([]))
     with pytest.raises(AutoclsError, match="Unknown format 'tflite'; use format=onnx or format=torchscript."):
         export_checkpoint(compose_export([f"ckpt_path={digits_ckpt}", "format=tflite"]))
+    with pytest.raises(AutoclsError, match="int8=maybe is not a switch; pass int8=true or int8=false."):
+        export_checkpoint(compose_export([f"ckpt_path={digits_ckpt}", "int8=maybe"]))
     with pytest.raises(AutoclsError, match="does not exist; pass an existing file"):
         export_checkpoint(compose_export([f"ckpt_path={tmp_path / 'missing.ckpt'}"]))
     # a checkpoint whose run config is missing (e.g. saved by other code)

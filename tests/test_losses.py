@@ -116,7 +116,7 @@ def test_label_smoothing_closed_form():
 
 @pytest.mark.parametrize(("kwargs", "name"), [({"temperature": 0.0}, "temperature"), ({"gamma": -1.0}, "gamma")])
 def test_invalid_values_are_rejected(kwargs, name):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(AutoclsError, match=f"loss.{name}="):
         FocalLoss(**kwargs)
 
 

@@ -281,8 +281,8 @@ def test_ce_one_hot_soft_targets_equal_integer_targets(logits):
 
 @pytest.mark.parametrize("eps", [-0.1, 1.0, 1.5])
 def test_ce_rejects_invalid_smoothing(eps):
-    """label_smoothing outside [0, 1) is a ValueError."""
-    with pytest.raises(ValueError, match="label_smoothing"):
+    """label_smoothing outside [0, 1) is one sentence naming the key."""
+    with pytest.raises(AutoclsError, match=r"loss.label_smoothing=.* must be in \[0, 1\)"):
         CrossEntropyLoss(eps)
 
 

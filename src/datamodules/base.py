@@ -92,6 +92,9 @@ class ClassificationDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         check_sampler(sampler)
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise AutoclsError(f"data.{key}={value} must be a positive whole number of images per batch.")
         if search_split is not None and not 0.0 < search_split < 1.0:
             raise AutoclsError(
                 f"data.search_split={search_split} must be between 0 and 1 (the fraction of the train split that "

@@ -48,6 +48,9 @@ def export_checkpoint(cfg: DictConfig) -> dict:
     fmt = str(cfg.format)
     if fmt not in FORMATS:
         raise AutoclsError(f"Unknown format '{fmt}'; use format=onnx or format=torchscript.")
+    for flag in ("int8", "fp16", "dynamo"):
+        if not isinstance(cfg[flag], bool):  # `int8=maybe` would otherwise count as true
+            raise AutoclsError(f"{flag}={cfg[flag]} is not a switch; pass {flag}=true or {flag}=false.")
     if cfg.fp16 and fmt != "onnx":
         raise AutoclsError("fp16=true exports an ONNX graph for GPUs; use it with format=onnx.")
     if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.ckpt_path is None:

@@ -65,9 +65,9 @@ class ClassificationLoss(nn.Module):
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+            raise AutoclsError(f"loss.label_smoothing={label_smoothing} must be in [0, 1) (0.1 is the usual value).")
         if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise AutoclsError(f"loss.temperature={temperature} must be positive (1 leaves the logits unchanged).")
         self.label_smoothing, self.temperature = label_smoothing, temperature
         self.wants_class_counts = class_weights == "balanced"
         if isinstance(class_weights, str) and not self.wants_class_counts:

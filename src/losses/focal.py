@@ -35,7 +35,7 @@ class FocalLoss(ClassificationLoss):
     ) -> None:
         super().__init__(label_smoothing, temperature, class_weights, num_classes)
         if gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma}")
+            raise AutoclsError(f"loss.gamma={gamma} must be >= 0 (0 is cross-entropy, 2 the focal loss paper's value).")
         self.gamma = gamma
         self.register_buffer("alpha", _alpha_vector(alpha, num_classes))
 

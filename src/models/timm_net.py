@@ -43,9 +43,18 @@ def create_timm_net(
 
     _check_model_name(timm, model_name)
     if pretrained_file is None:
-        return timm.create_model(
-            model_name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
-        )
+        try:
+            return timm.create_model(
+                model_name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
+            )
+        except OSError as err:  # no network, the Hub unreachable, a proxy refusing: all OSErrors
+            if not pretrained:
+                raise
+            raise AutoclsError(
+                f"Could not fetch the pretrained weights of timm model '{model_name}' ({type(err).__name__}); run once "
+                "with network access (timm caches them), pass model.net.pretrained_file=<local weights>, or set "
+                "model.net.pretrained=false."
+            ) from err
 
     path = Path(pretrained_file).expanduser()
     if not path.is_file():

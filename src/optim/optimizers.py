@@ -85,6 +85,11 @@ def build_optimizer(
             f"Optimizer '{name}' does not take these arguments ({err}); select its own config with "
             f"optimizer={name} instead of setting optimizer.name, or remove the key with ~optimizer.<key>."
         ) from err
+    except ValueError as err:  # torch.optim's own range checks: "Invalid learning rate: -1", bad betas, ...
+        raise AutoclsError(
+            f"torch.optim rejects the optimizer settings ({err}); fix optimizer.lr / optimizer.weight_decay or "
+            "the update rule's own keys (momentum, betas, eps)."
+        ) from err
 
 
 def global_batch_from(trainer: Any) -> int | None:

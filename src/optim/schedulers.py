@@ -280,6 +280,11 @@ def per_step_scheduler(scheduler: Callable, optimizer, trainer) -> dict:
     """A scheduler partial of the `scheduler` config group built for this run's step counts, as
     Lightning's per-step `lr_scheduler` entry (what every LightningModule here returns)."""
     total_steps = trainer.estimated_stepping_batches
+    if not math.isfinite(total_steps):
+        raise AutoclsError(
+            "The run has no end (trainer.max_epochs=-1 and no trainer.max_steps), so the lr schedule has no "
+            "length; set trainer.max_epochs or trainer.max_steps to a positive number."
+        )
     epochs = max(1, trainer.max_epochs or 1)
     built = scheduler(optimizer=optimizer, total_steps=total_steps, steps_per_epoch=max(1, total_steps // epochs))
     return {"scheduler": built, "interval": "step"}

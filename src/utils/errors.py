@@ -32,8 +32,17 @@ def _chain(exc: BaseException | None):
 
 def find_user_error(exc: BaseException | None) -> AutoclsError | None:
     """Return the `AutoclsError` behind `exc`, looking through wrappers such as Hydra's
-    `InstantiationException` (which re-raises with `from`), or None if there is none."""
-    return next((e for e in _chain(exc) if isinstance(e, AutoclsError)), None)
+    `InstantiationException` (which re-raises with `from`), or None if there is none. A config value
+    left `???` (OmegaConf's mandatory marker) that the run needed counts as one too."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    for error in _chain(exc):
+        if isinstance(error, AutoclsError):
+            return error
+        if isinstance(error, MissingMandatoryValue):
+            key = getattr(error, "full_key", None) or "a required config value"
+            return AutoclsError(f"{key} has no value (it is ??? in the config); pass {key}=<value> on the command line.")
+    return None
 
 
 def find_disk_full(exc: BaseException | None) -> OSError | None:
