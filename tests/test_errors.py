@@ -180,3 +180,20 @@ def test_eval_without_a_checkpoint(tmp_path):
     expected = ("Error: eval.py needs a checkpoint: pass ckpt_path=<run dir>/checkpoints/last.ckpt, or "
                 "ckpt_path=last for the newest run under paths.log_dir.")
     assert errors == [expected], result.stderr[-2000:]
+
+
+def test_one_class_folder(compose_train, tmp_path):
+    """A folder of one class would otherwise fail inside torchmetrics ("num_classes ... larger than 1")."""
+    data = _write_folder(tmp_path / "imgs", {"cat": 6})
+    with pytest.raises(Exception) as err:
+        train(compose_train(["data=image_folder", f"data.data_dir={data}"]))
+    _assert_one_sentence(err.value, "The data has 1 class; a classifier needs at least 2")
+
+
+@pytest.mark.parametrize(("val", "test"), [(1.5, 0.1), (0.5, 0.6), (-0.1, 0.1)])
+def test_split_fractions_that_leave_nothing_to_train(compose_train, tmp_path, val, test):
+    data = _write_folder(tmp_path / "imgs", {"a": 6, "b": 6})
+    with pytest.raises(Exception) as err:
+        train(compose_train(["data=image_folder", f"data.data_dir={data}", f"data.val_fraction={val}",
+                             f"data.test_fraction={test}"]))
+    _assert_one_sentence(err.value, f"data.val_fraction={val} and data.test_fraction={test} must each be in [0, 1)")

@@ -171,8 +171,12 @@ hydra:
          r"Error: optimized_metric=val/accuracy is not a metric this run logs \(it logs: .*val/acc.*\); set "),
         (["hydra.sweeper.keep_checkpoints=some"],
          r"Error: hydra.sweeper.keep_checkpoints='some' is not one of all, best; "),
+        # settings checked in the sweeper's setup, before Hydra calls sweep()
+        (["hydra.sweeper.direction=up"], r"Error: hydra.sweeper.direction 'up' is neither maximize nor minimize; "),
+        (["hydra.sweeper.n_trials=0"], r"Error: hydra.sweeper.n_trials=0 must be a positive whole number"),
+        (["hydra.sweeper.timeout=-1"], r"Error: hydra.sweeper.timeout=-1(\.0)? must be a positive number of seconds"),
     ],
-    ids=["malformed_space", "storage", "metric_never_logged", "keep_checkpoints"],
+    ids=["malformed_space", "storage", "metric_never_logged", "keep_checkpoints", "direction", "n_trials", "timeout"],
 )
 def test_bad_sweep_input_is_one_sentence(tmp_path, overrides, message):
     """A malformed space in a search config, a storage that cannot be opened, a metric the run never logs

@@ -57,6 +57,14 @@ log = logging.getLogger(__name__)
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _check_limits(settings: Mapping[str, Any]) -> None:
+    n_trials, timeout = settings.get("n_trials"), settings.get("timeout")
+    if n_trials is not None and (not isinstance(n_trials, int) or n_trials < 1):
+        raise AutoclsError(f"hydra.sweeper.n_trials={n_trials} must be a positive whole number: the study's total of trials.")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise AutoclsError(f"hydra.sweeper.timeout={timeout} must be a positive number of seconds, or null for no limit.")
+
+
 class OptunaSweep:
     def __init__(self, settings: Mapping[str, Any], *, hydra_context, task_function, config: DictConfig,
                  validate_batch: Callable[[list[list[str]]], None]) -> None:
@@ -70,6 +78,7 @@ class OptunaSweep:
         self.study_name = str(settings.get("study_name") or "autocls")
         self.objectives = _as_list(config.get("optimized_metric"))
         self.directions = self._directions(settings.get("direction") or "maximize")
+        _check_limits(settings)
         self.job_idx = 0
 
     # --- setup -----------------------------------------------------------------------------------
@@ -90,7 +99,7 @@ class OptunaSweep:
             )
         for d in directions:
             if d not in ("maximize", "minimize"):
-                raise AutoclsError(f"hydra.sweeper.direction '{d}' is neither maximize nor minimize.")
+                raise AutoclsError(f"hydra.sweeper.direction '{d}' is neither maximize nor minimize; use one of the two per optimized_metric.")
         return directions
 
     def _sampler(self, space: SearchSpace, n_existing: int):

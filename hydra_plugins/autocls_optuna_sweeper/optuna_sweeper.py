@@ -84,9 +84,12 @@ class AutoclsOptunaSweeper(Sweeper):
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from hydra_plugins.autocls_optuna_sweeper._core import OptunaSweep
+        from src.utils.task import user_errors_as_messages
 
-        self._sweep = OptunaSweep(self.settings, hydra_context=hydra_context, task_function=task_function,
-                                  config=config, validate_batch=self._validate)
+        # the settings are checked here, before sweep(): a mistake in them is one sentence too
+        self._sweep = user_errors_as_messages(OptunaSweep)(
+            self.settings, hydra_context=hydra_context, task_function=task_function, config=config,
+            validate_batch=self._validate)
         self.hydra_context, self.config = hydra_context, config
 
     def _validate(self, batch):

@@ -151,6 +151,11 @@ class ClassificationDataModule(pl.LightningDataModule):
                     f"data.num_classes={self.expected_num_classes} but the data has {found} classes; "
                     f"remove the override or set data.num_classes={found}."
                 )
+            if found < 2:
+                raise AutoclsError(
+                    f"The data has {found} class{'es' if found != 1 else ''}; a classifier needs at least 2, so point "
+                    "data.data_dir at a folder with one sub-folder (or list-file label) per class."
+                )
             self._num_classes = found
         return self._num_classes
 
@@ -382,6 +387,11 @@ def train_val_test_split(
     """Indices (train, val, test) of one labelled pool: `test_fraction` of it held out first, then
     `val_fraction` of the whole from the rest, both stratified and seeded (a fraction of 0 gives an
     empty split)."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise AutoclsError(
+            f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must each be in [0, 1) and "
+            "leave images to train on (a sum below 1, e.g. 0.1 and 0.1)."
+        )
     rest, test = stratified_split(labels, test_fraction, seed)
     keep, val = stratified_split(labels[rest], val_fraction / (1 - test_fraction), seed + 1)
     return rest[keep], rest[val], test
