@@ -38,21 +38,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from src.callbacks.throughput import Throughput
-from src.datamodules.archive import extract_image_archive
+from src.datamodules.archive import ensure_split_folders
 from src.utils.instantiate import build_callbacks, build_datamodule, build_trainer
 from src.utils.machine import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-
-
-def ensure_data(data_dir: Path, archive: Path | None) -> Path:
-    if not (data_dir / "train").is_dir() or not (data_dir / "test").is_dir():
-        if archive is None:
-            raise SystemExit(f"{data_dir}/train and test/ not found; pass --archive ../shared/data/cifar10-jpg.tar.gz")
-        print(f"unpacking {archive} into {data_dir} ...", flush=True)
-        extract_image_archive(archive, data_dir)
-    return data_dir
 
 
 def compose_ours(data_dir: Path, out: Path, seed: int, device: str, extra: list[str]):
@@ -154,7 +145,7 @@ def main() -> None:
     parser.add_argument("--no-warmup", action="store_true")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for our runs (after --)")
     args = parser.parse_args()
-    data_dir = ensure_data(args.data_dir.resolve(), args.archive)
+    data_dir = ensure_split_folders(args.data_dir, ("train", "test"), args.archive)
     print(f"machine: {describe_machine()}\n", flush=True)
 
     results: dict[str, list[dict]] = {}
@@ -196,4 +187,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from src.utils.task import user_errors_as_messages
+
+    user_errors_as_messages(main)()

@@ -32,7 +32,7 @@ from omegaconf import open_dict
 from torch.nn import functional as F
 
 from src.callbacks.throughput import Throughput
-from src.datamodules.archive import extract_image_archive
+from src.datamodules.archive import ensure_split_folders
 from src.models.resnet_cifar import resnet_cifar
 from src.optim.optimizers import build_optimizer
 from src.utils.instantiate import build_callbacks, build_datamodule, build_trainer
@@ -42,15 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 # the recipe of experiment=cifar10_resnet18, shared by every path
 LR, MOMENTUM, WEIGHT_DECAY, LABEL_SMOOTHING = 0.4, 0.9, 5e-4, 0.1
-
-
-def ensure_data(data_dir: Path, archive: Path | None) -> Path:
-    if not (data_dir / "train").is_dir():
-        if archive is None:
-            raise SystemExit(f"{data_dir}/train not found; pass --archive ../shared/data/cifar10-jpg.tar.gz to unpack it")
-        print(f"unpacking {archive} into {data_dir} ...", flush=True)
-        extract_image_archive(archive, data_dir)
-    return data_dir
 
 
 def compose_run(data_dir: Path, out: Path, args, augmentation: str) -> object:
@@ -185,7 +176,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True
-    data_dir = ensure_data(args.data_dir.resolve(), args.archive)
+    data_dir = ensure_split_folders(args.data_dir, ("train",), args.archive)
     print(f"machine: {describe_machine()}")
     print(f"ResNet-18 (CIFAR stem), batch {args.batch_size}, {args.precision}, channels_last, {args.device}; "
           f"{args.steps} steps after {args.warmup} warm-up steps\n", flush=True)
@@ -218,4 +209,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from src.utils.task import user_errors_as_messages
+
+    user_errors_as_messages(main)()

@@ -22,15 +22,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
+from src.datamodules.archive import ensure_split_folders
 from src.utils.machine import describe_machine
+from src.utils.train_subprocess import run_train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,12 +65,7 @@ def recipe(depth: int, epochs: int) -> list[str]:
 
 def run(overrides: list[str], log_dir: Path) -> dict:
     """One `python train.py` run; returns its metrics.json plus the wall time."""
-    start = time.perf_counter()
-    subprocess.run([sys.executable, str(ROOT / "train.py"), f"paths.log_dir={log_dir}", *overrides], check=True,
-                   cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, stdout=subprocess.DEVNULL)
-    metrics = json.loads(max(log_dir.glob("train/runs/*/metrics.json"), key=os.path.getmtime).read_text())
-    metrics["seconds"] = time.perf_counter() - start
-    return metrics
+    return run_train(overrides, log_dir)[0]
 
 
 def cached_run(key: dict, overrides: list[str], log_dir: Path, cache: Path) -> dict:
@@ -110,6 +103,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=ROOT / "logs" / "distill_gain" / "results.jsonl")
     parser.add_argument("extra", nargs="*", help="overrides added to every run (after --), e.g. trainer=gpu")
     args = parser.parse_args()
+    if args.data_dir is not None:
+        args.data_dir = ensure_split_folders(args.data_dir, ("train",))
 
     args.cache.parent.mkdir(parents=True, exist_ok=True)
     log_dir = Path(tempfile.mkdtemp(prefix="distill_gain_", dir=args.cache.parent))
@@ -154,4 +149,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from src.utils.task import user_errors_as_messages
+
+    user_errors_as_messages(main)()

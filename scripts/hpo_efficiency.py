@@ -182,9 +182,11 @@ def main() -> None:
         args.trainer += ["+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2",
                          "+trainer.limit_test_batches=2"]
 
+    from src.datamodules.archive import ensure_split_folders
+
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    source, target = split_classes(args.data_dir.resolve(), work, args.target_per_class)
+    source, target = split_classes(ensure_split_folders(args.data_dir), work, args.target_per_class)
     weights = pretrain(source, work, args)
     methods = [m for m in args.methods.split(",") if m]
     for method in methods:
@@ -264,4 +266,6 @@ def replay_on_grid(grid_dir: Path, args) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from src.utils.task import user_errors_as_messages
+
+    user_errors_as_messages(main)()

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,12 +59,9 @@ def train_overrides(args) -> list[str]:
 
 def run(overrides: list[str], log_dir: Path) -> tuple[dict, Path]:
     """One `train.py` run; its metrics and run directory."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    before = set(log_dir.glob("train/runs/*"))
-    subprocess.run([sys.executable, str(ROOT / "train.py"), f"paths.log_dir={log_dir}", *overrides], check=True,
-                   cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, stdout=subprocess.DEVNULL)
-    (run_dir,) = set(log_dir.glob("train/runs/*")) - before
-    return json.loads((run_dir / "metrics.json").read_text()), run_dir
+    from src.utils.train_subprocess import run_train
+
+    return run_train(overrides, log_dir)
 
 
 def params_m(genotype, args) -> float:
@@ -98,7 +93,9 @@ def main() -> None:
     parser.add_argument("extra", nargs="*", help="overrides added to every training run (after --)")
     args = parser.parse_args()
     if args.data_dir is not None:
-        args.data_dir = args.data_dir.resolve()
+        from src.datamodules.archive import ensure_split_folders
+
+        args.data_dir = ensure_split_folders(args.data_dir)
     if args.gpu:
         DEVICE.append("trainer=gpu")
 
@@ -153,4 +150,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from src.utils.task import user_errors_as_messages
+
+    user_errors_as_messages(main)()

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
+from src.datamodules.archive import ensure_split_folders
 from src.utils.machine import describe_machine
+from src.utils.train_subprocess import run_train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,12 +117,8 @@ def config_exists(overrides: list[str]) -> bool:
 
 
 def run(overrides: list[str], log_dir: Path) -> tuple[float, float]:
-    start = time.perf_counter()
-    subprocess.run([sys.executable, str(ROOT / "train.py"), f"paths.log_dir={log_dir}", *overrides], check=True,
-                   cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, stdout=subprocess.DEVNULL)
-    seconds = time.perf_counter() - start
-    metrics = json.loads(max(log_dir.glob("train/runs/*/metrics.json"), key=os.path.getmtime).read_text())
-    return metrics["test/acc"], seconds
+    metrics, _ = run_train(overrides, log_dir)
+    return metrics["test/acc"], metrics["seconds"]
 
 
 def main() -> None:
@@ -141,9 +135,10 @@ def main() -> None:
     args = parser.parse_args()
 
     recipe = recipe_overrides(args.epochs) + args.extra
-    balanced = data_overrides(args.data_dir.resolve())
+    args.data_dir = ensure_split_folders(args.data_dir)
+    balanced = data_overrides(args.data_dir)
     work = Path(tempfile.mkdtemp(prefix="recipe_table_"))
-    imbalanced = write_long_tailed_lists(args.data_dir.resolve(), work / "lists", args.imbalance)
+    imbalanced = write_long_tailed_lists(args.data_dir, work / "lists", args.imbalance)
     jobs = [(name, balanced + recipe, o) for name, o in variants(args.epochs).items()]
     jobs += [(name, imbalanced + recipe, o) for name, o in IMBALANCED_VARIANTS.items()]
     if args.only:
@@ -204,4 +199,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from src.utils.task import user_errors_as_messages
+
+    user_errors_as_messages(main)()

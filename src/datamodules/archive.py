@@ -12,6 +12,8 @@ import tarfile
 from collections import Counter
 from pathlib import Path, PurePosixPath
 
+from src.utils.errors import AutoclsError
+
 log = logging.getLogger(__name__)
 
 
@@ -55,3 +57,26 @@ def extract_image_archive(
     marker.touch()
     log.info(f"Unpacked {written} files of {len(counts)} class folders from {archive} into {dest}")
     return dest
+
+
+def ensure_split_folders(data_dir: str | Path, splits: tuple[str, ...] = ("train", "test"),
+                         archive: str | Path | None = None) -> Path:
+    """`data_dir` as an ImageFolder root holding `splits` (`<split>/<class>/<image>`), as the benchmark
+    scripts read it; unpacked from `archive` first when a split is missing and an archive is given.
+    Otherwise one sentence naming both ways to fix it."""
+    data_dir = Path(data_dir).expanduser().resolve()
+    missing = [s for s in splits if not (data_dir / s).is_dir()]
+    if missing and archive is not None:
+        if not Path(archive).is_file():
+            raise AutoclsError(f"--archive {archive} does not exist; pass the shared CIFAR-10 copy "
+                               "(../shared/data/cifar10-jpg.tar.gz) or another ImageFolder .tar.gz.")
+        log.info(f"unpacking {archive} into {data_dir} ...")
+        extract_image_archive(archive, data_dir)
+        missing = [s for s in splits if not (data_dir / s).is_dir()]
+    if missing:
+        wanted = " and ".join(f"{s}/" for s in splits)
+        raise AutoclsError(
+            f"{data_dir} has no {' or '.join(f'{s}/' for s in missing)}; pass --data-dir <folder with {wanted} class "
+            "folders> (scripts/unpack_archive.py ../shared/data/cifar10-jpg.tar.gz <folder> makes one)."
+        )
+    return data_dir
