@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("extra", nargs="*", help="overrides added to every run (after --), e.g. trainer=gpu")
     args = parser.parse_args()
     if args.data_dir is not None:
-        args.data_dir = ensure_split_folders(args.data_dir, ("train",))
+        ensure_split_folders(args.data_dir, ("train",))
 
     args.cache.parent.mkdir(parents=True, exist_ok=True)
     log_dir = Path(tempfile.mkdtemp(prefix="distill_gain_", dir=args.cache.parent))

@@ -135,10 +135,10 @@ def main() -> None:
     args = parser.parse_args()
 
     recipe = recipe_overrides(args.epochs) + args.extra
-    args.data_dir = ensure_split_folders(args.data_dir)
-    balanced = data_overrides(args.data_dir)
+    data_dir = ensure_split_folders(args.data_dir)
+    balanced = data_overrides(data_dir)
     work = Path(tempfile.mkdtemp(prefix="recipe_table_"))
-    imbalanced = write_long_tailed_lists(args.data_dir, work / "lists", args.imbalance)
+    imbalanced = write_long_tailed_lists(data_dir, work / "lists", args.imbalance)
     jobs = [(name, balanced + recipe, o) for name, o in variants(args.epochs).items()]
     jobs += [(name, imbalanced + recipe, o) for name, o in IMBALANCED_VARIANTS.items()]
     if args.only:
@@ -176,12 +176,12 @@ def main() -> None:
         "# What each training trick buys",
         "",
         f"Machine: {describe_machine()}.  ",
-        f"Command: `python scripts/recipe_table.py --data-dir {args.data_dir} --seeds {' '.join(map(str, args.seeds))} "
-        f"--epochs {args.epochs}{' -- ' + ' '.join(args.extra) if args.extra else ''}`.  ",
-        f"Base recipe: `{' '.join(balanced + recipe)}`; {args.epochs} epochs for every row, seeds {args.seeds}; "
-        f"top-1 is test/acc of the best-by-val checkpoint, mean and [min, max] over seeds; "
-        f"imbalanced rows train on a long-tailed train split (ratio {args.imbalance:g}) and compare with "
-        "their own base.",
+        (f"Command: `python scripts/recipe_table.py --data-dir {args.data_dir} --seeds {' '.join(map(str, args.seeds))} "
+         f"--epochs {args.epochs}{' -- ' + ' '.join(args.extra) if args.extra else ''}`.  "),
+        (f"Base recipe: `{' '.join(balanced + recipe)}`; {args.epochs} epochs for every row, seeds {args.seeds}; "
+         f"top-1 is test/acc of the best-by-val checkpoint, mean and [min, max] over seeds; "
+         f"imbalanced rows train on a long-tailed train split (ratio {args.imbalance:g}) and compare with "
+         "their own base."),
         "",
         "| variant | overrides | top-1 mean [min, max] | vs base | time per run (s) |",
         "|---|---|---|---|---|",

@@ -365,8 +365,8 @@ def resize_center_crop(img: Image.Image, size: int, crop_pct: float = 1.0) -> Im
     if new_size != img.size:
         img = img.resize(new_size, Image.Resampling.BILINEAR)
     # Same rounding as torchvision's center_crop, so the two paths cut identical pixels.
-    left = int(round((new_size[0] - size) / 2.0))
-    top = int(round((new_size[1] - size) / 2.0))
+    left = round((new_size[0] - size) / 2.0)
+    top = round((new_size[1] - size) / 2.0)
     return img.crop((left, top, left + size, top + size))
 
 

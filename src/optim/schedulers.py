@@ -47,7 +47,7 @@ class WarmupLR(LambdaLR):
     ) -> None:
         self.total_steps = max(1, int(total_steps))
         self.steps_per_epoch = max(1, int(steps_per_epoch))
-        self.warmup_steps = min(int(round(warmup_epochs * self.steps_per_epoch)), self.total_steps - 1)
+        self.warmup_steps = min(round(warmup_epochs * self.steps_per_epoch), self.total_steps - 1)
         self.warmup_start = warmup_start
         # LambdaLR evaluates factor(0) here, so subclasses set their own attributes before this call.
         super().__init__(optimizer, self.factor)
