@@ -197,3 +197,17 @@ def test_split_fractions_that_leave_nothing_to_train(compose_train, tmp_path, va
         train(compose_train(["data=image_folder", f"data.data_dir={data}", f"data.val_fraction={val}",
                              f"data.test_fraction={test}"]))
     _assert_one_sentence(err.value, f"data.val_fraction={val} and data.test_fraction={test} must each be in [0, 1)")
+
+
+def test_network_sizes_that_cannot_be_built(compose_train):
+    """A zero-width network would fail inside torch's conv ("expected weight to be at least 1")."""
+    from src.models.resnet_cifar import CifarResNet
+
+    with pytest.raises(Exception) as err:
+        train(compose_train(["model.net.width=0"]))
+    _assert_one_sentence(err.value, "model.net.width=0 must be a positive number of channels")
+    # the ResNet class as a custom `_target_` (also what stage pruning builds)
+    with pytest.raises(AutoclsError, match=r"widths=\[16, 0, 64\] need one positive entry per stage"):
+        CifarResNet([1, 1, 1], [16, 0, 64])
+    with pytest.raises(AutoclsError, match="need one positive entry per stage"):
+        CifarResNet([1, 1], [16, 32, 64])

@@ -198,8 +198,11 @@ class CifarResNet(StagedNet):
         disout_alpha: float = 1.0,
     ):
         super().__init__()
-        if len(blocks_per_stage) != len(widths):
-            raise ValueError("blocks_per_stage and widths need one entry per stage")
+        if len(blocks_per_stage) != len(widths) or min(widths, default=0) < 1 or min(blocks_per_stage, default=0) < 1:
+            raise AutoclsError(
+                f"model.net.blocks_per_stage={list(blocks_per_stage)} and model.net.widths={list(widths)} need one "
+                "positive entry per stage each."
+            )
         rates = {"drop_path_rate": drop_path_rate, "drop_block_rate": drop_block_rate, "disout_prob": disout_prob}
         for name, rate in rates.items():
             _check_rate(name, rate)

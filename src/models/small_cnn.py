@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from src.models.classifier_contract import TimmClassifier
+from src.utils.errors import AutoclsError
 
 
 def _conv_bn_relu(in_chans: int, out_chans: int) -> nn.Sequential:
@@ -37,6 +38,11 @@ class SmallCNN(TimmClassifier):
 
     def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 32, dropout: float = 0.1):
         super().__init__()
+        if width < 1 or not 0 <= dropout < 1:
+            raise AutoclsError(
+                f"model.net.width={width} must be a positive number of channels and model.net.dropout={dropout} a "
+                "probability in [0, 1) (defaults: 32 and 0.1)."
+            )
         self.num_classes = num_classes
         self.num_features = 4 * width
         self.features = nn.Sequential(
