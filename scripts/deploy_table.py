@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--calibration-images", type=int, default=256)
     parser.add_argument("--skip-models", action="store_true", help="only the checkpoint's rows")
+    parser.add_argument("--ort-config", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="onnxruntime session config entries for every onnxruntime session, e.g. "
+                             "session.dynamic_block_base=4 or session.intra_op.allow_spinning=0")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -48,6 +51,16 @@ def main(argv: list[str] | None = None) -> None:
     from src.utils.task import print_report, user_errors_as_messages
 
     print_report(user_errors_as_messages(make_table)(args), args.out)
+
+
+def session_config_entries(pairs: list[str]) -> dict[str, str]:
+    """`--ort-config KEY=VALUE ...` as a dict; a pair without `=` is one sentence."""
+    from src.utils.errors import AutoclsError
+
+    bad = [p for p in pairs if "=" not in p or not p.split("=", 1)[0]]
+    if bad:
+        raise AutoclsError(f"--ort-config takes KEY=VALUE pairs (e.g. session.dynamic_block_base=4), got {', '.join(bad)}.")
+    return dict(p.split("=", 1) for p in pairs)
 
 
 def make_table(args: argparse.Namespace) -> str:
@@ -62,21 +75,24 @@ def make_table(args: argparse.Namespace) -> str:
     from src.deploy.nets import build_net
     from src.utils.machine import describe_machine
 
+    session_config = session_config_entries(args.ort_config)
     lines = [f"Machine: {describe_machine()}",
-             f"Batch 1, median (p90) of {args.repeats} timed calls after {args.warmup} warm-up, per thread count.", ""]
+             f"Batch 1, median (p90) of {args.repeats} timed calls after {args.warmup} warm-up, per thread count."
+             + (f" onnxruntime session config: {', '.join(args.ort_config)}." if args.ort_config else ""), ""]
     rows = []
     accuracies = {}
     for ckpt in args.ckpt:
         accuracy = int8_accuracy(ckpt, calibration_images=args.calibration_images)
         accuracies[ckpt] = accuracy
         rows += latency_rows(f"trained {checkpoint_name(ckpt)} (see below)", accuracy["net"], accuracy["input_shape"],
-                             accuracy["calibration"], args.threads, warmup=args.warmup, repeats=args.repeats)
+                             accuracy["calibration"], args.threads, warmup=args.warmup, repeats=args.repeats,
+                             session_config=session_config)
     if not args.skip_models:
         for name, config, overrides, size in MODELS:
             net = build_net(config, overrides, num_classes=10)
             calibration = torch.randn(args.calibration_images, 3, size, size)
             rows += latency_rows(name, net, (3, size, size), calibration, args.threads,
-                                 warmup=args.warmup, repeats=args.repeats)
+                                 warmup=args.warmup, repeats=args.repeats, session_config=session_config)
     lines.append(latency_markdown(rows))
     for ckpt, accuracy in accuracies.items():
         summary = training_summary(ckpt)

@@ -84,6 +84,20 @@ def test_onnx_latency_uses_the_requested_threads(tmp_path):
     assert (result.backend, result.threads, result.batch_size, result.repeats) == ("onnxruntime", 1, 5, 4)
 
 
+def test_onnx_session_config_entries_reach_the_session(tmp_path):
+    """Thread-pool settings for the latency tables (`scripts/deploy_table.py --ort-config`): set on the
+    session as given; an entry onnxruntime refuses is one sentence."""
+    net = SmallCNN(num_classes=3, in_chans=1, width=4)
+    path = export_onnx(net, (1, 8, 8), tmp_path / "m.onnx")
+    config = {"session.intra_op.allow_spinning": "0", "session.dynamic_block_base": "4"}
+    options = ort_session(path, threads=2, session_config=config).get_session_options()
+    assert {key: options.get_session_config_entry(key) for key in config} == config
+    result = measure_onnx_latency(path, torch.randn(1, 1, 8, 8), threads=2, warmup=1, repeats=3, session_config=config)
+    assert result.repeats == 3 and result.median_ms > 0
+    with pytest.raises(AutoclsError, match="onnxruntime refuses the session config entry =4"):
+        ort_session(path, session_config={"": "4"})
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [

@@ -3,6 +3,7 @@ src/deploy/qdq_rewrites.py) and torch.ao (FX, x86)."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -296,3 +297,5 @@ def test_deploy_table_reports_int8_accuracy_and_training_length(compose_train, t
     assert float(drop) == pytest.approx(float(fp32[:-1]) - float(int8[:-1]), abs=0.01)
     assert abs(float(drop)) <= 3.0  # a few of 270 images at most
     assert (tmp_path / "table.md").read_text().strip() == out.strip()
+    with pytest.raises(AutoclsError, match="--ort-config takes KEY=VALUE pairs"):
+        _script("deploy_table").make_table(argparse.Namespace(ort_config=["session.dynamic_block_base"]))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -193,7 +194,9 @@ class DeployVariants:
         return self.calibration
 
     # --- measuring ------------------------------------------------------------------------------
-    def measure(self, target: LatencyTarget, *, warmup: int = 10, repeats: int = 50) -> LatencyResult:
+    def measure(self, target: LatencyTarget, *, warmup: int = 10, repeats: int = 50,
+                session_config: Mapping[str, str] | None = None) -> LatencyResult:
+        """`target`'s latency; `session_config` goes to onnxruntime targets (see `ort_session`)."""
         reason = target.unavailable_reason()
         if reason:
             raise AutoclsError(f"Cannot measure {target.name} here ({reason}); measure a cpu target instead.")
@@ -207,4 +210,5 @@ class DeployVariants:
         # TensorRT builds its fp16 engine from the fp32 graph; onnxruntime-CUDA fp16 runs the half graph
         onnx_precision = "fp32" if target.backend == "tensorrt" else target.precision
         return measure_onnx_latency(self.onnx(onnx_precision), example, threads=threads, warmup=warmup, repeats=repeats,
-                                    provider=provider, fp16=target.precision == "fp16", backend=target.label)
+                                    provider=provider, fp16=target.precision == "fp16", backend=target.label,
+                                    session_config=session_config)

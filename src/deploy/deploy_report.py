@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -25,8 +25,10 @@ def latency_rows(
     *,
     warmup: int = 10,
     repeats: int = 50,
+    session_config: Mapping[str, str] | None = None,
 ) -> list[dict]:
-    """One dict per thread count: median/p90 ms of eager, onnxruntime fp32 and INT8 at batch 1."""
+    """One dict per thread count: median/p90 ms of eager, onnxruntime fp32 and INT8 at batch 1 (both
+    onnxruntime sessions with `session_config`)."""
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         variants = DeployVariants(net, input_shape, workdir, calibration=calibration)
@@ -35,7 +37,7 @@ def latency_rows(
             for key, backend, precision in (("eager", "torch", "fp32"), ("ort", "onnxruntime", "fp32"),
                                             ("int8", "onnxruntime", "int8")):
                 result = variants.measure(LatencyTarget(backend=backend, precision=precision, threads=t),
-                                          warmup=warmup, repeats=repeats)
+                                          warmup=warmup, repeats=repeats, session_config=session_config)
                 row[f"{key}_ms"], row[f"{key}_p90_ms"] = result.median_ms, result.p90_ms
             rows.append(row)
     return rows

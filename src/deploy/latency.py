@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -191,10 +191,13 @@ ORT_PROVIDERS = {
 }
 
 
-def ort_session(model: str | Path | bytes, *, threads: int | None = None, provider: str = "cpu", fp16: bool = False):
+def ort_session(model: str | Path | bytes, *, threads: int | None = None, provider: str = "cpu", fp16: bool = False,
+                session_config: Mapping[str, str] | None = None):
     """An onnxruntime `InferenceSession` for a model file (or serialised bytes) with `threads`
     intra-op threads (None: onnxruntime's default, one per physical core) and full graph
-    optimisation; `provider` is cpu, cuda or tensorrt (`fp16` lets TensorRT build fp16 kernels)."""
+    optimisation; `provider` is cpu, cuda or tensorrt (`fp16` lets TensorRT build fp16 kernels).
+    `session_config`: onnxruntime session config entries (e.g. `session.intra_op.allow_spinning`,
+    `session.dynamic_block_base`), to measure the thread pool's settings."""
     import onnxruntime as ort
 
     if provider not in ORT_PROVIDERS:
@@ -215,6 +218,12 @@ def ort_session(model: str | Path | bytes, *, threads: int | None = None, provid
     options.inter_op_num_threads = 1  # a CNN is one chain of ops: parallelism is within each op
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for key, value in (session_config or {}).items():
+        try:
+            options.add_session_config_entry(str(key), str(value))
+        except Exception as err:  # onnxruntime refuses malformed entries
+            raise AutoclsError(f"onnxruntime refuses the session config entry {key}={value} ({err}); "
+                               "see onnxruntime_session_options_config_keys.h for the keys.") from err
     providers: list = list(ORT_PROVIDERS[provider])
     if provider == "tensorrt":
         providers[0] = ("TensorrtExecutionProvider", {"trt_fp16_enable": fp16})
@@ -239,6 +248,7 @@ def measure_onnx_latency(
     provider: str = "cpu",
     fp16: bool = False,
     backend: str = "onnxruntime",
+    session_config: Mapping[str, str] | None = None,
 ) -> LatencyResult:
     """Latency of an ONNX model in onnxruntime, with the same timing loop as `measure_latency`.
 
@@ -246,7 +256,7 @@ def measure_onnx_latency(
     output are bound to GPU memory (I/O binding), so the figure is the network's time as for torch's
     CUDA timing, without host-device copies.
     """
-    session = ort_session(model, threads=threads, provider=provider, fp16=fp16)
+    session = ort_session(model, threads=threads, provider=provider, fp16=fp16, session_config=session_config)
     array = example.detach().cpu().numpy() if isinstance(example, torch.Tensor) else example
     input_type = session.get_inputs()[0].type
     if "float16" in input_type:
