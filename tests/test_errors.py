@@ -140,6 +140,11 @@ def test_expected_class_count_is_checked(compose_train, tmp_path):
                                      "trainer.* override"]),
         (["trainer.devices=0"], ["Lightning refuses the trainer settings", "trainer.* override"]),
         (["data=image_folder"], ["data.data_dir has no value", "pass data.data_dir=<value>"]),
+        # a misspelled key added with + (Hydra's own advice for a key it does not know): the target refuses it
+        (["+model.net.widht=16"], ["model.net.widht is not a setting of SmallCNN (did you mean model.net.width?)",
+                                   "remove it with ~model.net.widht"]),
+        (["+loss.label_smothing=0.1"], ["model.loss.label_smothing is not a setting of CrossEntropyLoss (did you mean "
+                                        "model.loss.label_smoothing?)"]),
     ],
 )
 def test_bad_settings_end_in_one_sentence(compose_train, overrides, fragments):

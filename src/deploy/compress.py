@@ -96,6 +96,7 @@ def _save(net: nn.Module, folder: Path, datamodule, ratio, epochs: int) -> None:
     the ONNX export `describe_net` wrote, and that export's sidecar."""
     from src.deploy.sidecar import write_sidecar
 
+    folder.mkdir(parents=True, exist_ok=True)  # describe_net creates it only when it exports ONNX
     torch.save(net, folder / "model.pt")
     if (folder / "model.onnx").is_file():
         write_sidecar(folder / "model.onnx", datamodule.describe(),
