@@ -145,6 +145,7 @@ def test_expected_class_count_is_checked(compose_train, tmp_path):
                                    "remove it with ~model.net.widht"]),
         (["+loss.label_smothing=0.1"], ["model.loss.label_smothing is not a setting of CrossEntropyLoss (did you mean "
                                         "model.loss.label_smoothing?)"]),
+        (["+trainer.max_epoch=3"], ["trainer.max_epoch is not a setting of Trainer (did you mean trainer.max_epochs"]),
     ],
 )
 def test_bad_settings_end_in_one_sentence(compose_train, overrides, fragments):

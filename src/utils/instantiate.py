@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from src.utils.errors import AutoclsError, ConfigError
+from src.utils.errors import AutoclsError, ConfigError, find_user_error
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ def build_trainer(cfg: DictConfig, **kwargs) -> pl.Trainer:
     try:
         return instantiate(cfg.trainer, **kwargs)
     except InstantiationException as err:
+        known = find_user_error(err)  # e.g. a key the Trainer does not take, named with its close spellings
+        if known is not None:
+            raise known from err
         cause = err.__cause__
         if not isinstance(cause, (ValueError, TypeError, MisconfigurationException)):
             raise
