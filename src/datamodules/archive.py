@@ -70,7 +70,7 @@ def ensure_split_folders(data_dir: str | Path, splits: tuple[str, ...] = ("train
         if not Path(archive).is_file():
             raise AutoclsError(f"--archive {archive} does not exist; pass the shared CIFAR-10 copy "
                                "(../shared/data/cifar10-jpg.tar.gz) or another ImageFolder .tar.gz.")
-        log.info(f"unpacking {archive} into {data_dir} ...")
+        print(f"unpacking {archive} into {data_dir} ...", flush=True)  # scripts call this; they configure no logging
         extract_image_archive(archive, data_dir)
         missing = [s for s in splits if not (data_dir / s).is_dir()]
     if missing:
