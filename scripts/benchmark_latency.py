@@ -3,15 +3,17 @@
     python scripts/benchmark_latency.py --net resnet_cifar depth=18 --image-size 32
     python scripts/benchmark_latency.py --net timm model_name=mobilenetv3_large_100 --image-size 224
     python scripts/benchmark_latency.py --ckpt logs/train/runs/<run>/checkpoints/last.ckpt
-    python scripts/benchmark_latency.py --net resnet_cifar depth=18 --backends torch onnxruntime \
-        onnxruntime-int8 torch-int8 --threads 1 2        # INT8 engines compared (docs/deployment.md)
+    python scripts/benchmark_latency.py --net resnet_cifar depth=18 --backends torch inductor onnxruntime \
+        onnxruntime-int8 torch-int8 inductor-int8 --threads 1 2    # INT8 engines compared (docs/deployment.md)
 
 Backends are `<backend>[-<precision>][@<device>]`: torch, onnxruntime, onnxruntime-int8 (onnxruntime
-static quantisation), torch-int8 (torch.ao FX, x86), and on a GPU torch@cuda, torch-fp16@cuda,
+static quantisation), torch-int8 (torch.ao FX, x86), inductor (torch.compile), inductor-int8 (torchao
+PT2E + torch.compile), and on a GPU torch@cuda, torch-fp16@cuda,
 onnxruntime@cuda, tensorrt@cuda, tensorrt-fp16@cuda (TensorRT through onnxruntime's provider). The
 default is the CPU ones plus, when CUDA is there, the CUDA ones. Each row: median and p90 of
 `--repeats` timed calls after `--warmup`, and the speed-up over torch eager on the same device with the
-same batch and threads. INT8 calibration uses training images for --ckpt, random images for --net
+same batch and threads. A form that cannot be built for the network (torch.fx cannot trace it, say) is
+skipped with a note under the table. INT8 calibration uses training images for --ckpt, random images for --net
 (latency does not depend on the calibrated ranges).
 """
 

@@ -11,7 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from src.deploy import backends
 from src.deploy.backends import DeployVariants, LatencyTarget, targets_from_config
+from src.deploy.benchmark import benchmark_targets, run_benchmark
 from src.deploy.latency import (
     count_params_flops,
     measure_latency,
@@ -101,7 +103,7 @@ def test_onnx_session_config_entries_reach_the_session(tmp_path):
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"backend": "tflite"}, "Unknown backend 'tflite'; use one of torch, onnxruntime, tensorrt."),
+        ({"backend": "tflite"}, "Unknown backend 'tflite'; use one of torch, inductor, onnxruntime, tensorrt."),
         ({"precision": "int4"}, "Unknown precision 'int4'"),
         ({"backend": "onnxruntime", "precision": "int8", "device": "cuda"}, "onnxruntime runs int8 only on cpu"),
         ({"backend": "tensorrt", "device": "cpu"}, "tensorrt runs fp32 only on cuda"),
@@ -121,6 +123,35 @@ def test_target_names_and_unavailable_cuda():
         assert cuda.unavailable_reason() == "no CUDA device"
         with pytest.raises(AutoclsError, match="Cannot measure torch-fp16_cuda_b1 here"):
             DeployVariants(SmallCNN(3, 1, 4), (1, 8, 8), "unused").measure(cuda)
+
+
+def test_inductor_targets_say_what_they_need(monkeypatch):
+    monkeypatch.setattr(backends, "_cpp_compiler", lambda: None)
+    assert "no C++ compiler" in LatencyTarget(backend="inductor").unavailable_reason()
+    monkeypatch.setattr(backends, "_cpp_compiler", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: None)
+    assert LatencyTarget(backend="inductor").unavailable_reason() is None
+    assert "torchao is not installed" in LatencyTarget(backend="inductor", precision="int8").unavailable_reason()
+
+
+class _DataDependentNet(nn.Module):
+    """Branches on a tensor's value: torch.fx cannot trace it, so torch.ao's FX INT8 cannot be built."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y if y.sum() > 0 else -y
+
+
+def test_benchmark_skips_a_form_it_cannot_build_and_measures_the_rest(tmp_path):
+    variants = DeployVariants(_DataDependentNet(), (1, 8, 8), tmp_path, calibration=torch.randn(4, 1, 8, 8))
+    targets = benchmark_targets(["torch", "torch-int8"], threads=[1], batch_sizes=[1])
+    rows, notes = run_benchmark(variants, targets, warmup=1, repeats=2)
+    assert [label for label, _ in rows] == ["torch"]
+    assert len(notes) == 1 and notes[0].startswith("torch-int8 on cpu: skipped (torch.fx cannot trace _DataDependentNet")
 
 
 def test_int8_target_without_calibration_images_is_one_sentence(tmp_path):
@@ -190,7 +221,7 @@ def test_benchmark_script_table_and_unknown_backend(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--net", "small_cnn", "--backends", "tflite"])
     assert info.value.code == 2
-    assert capsys.readouterr().err.strip() == "Error: Unknown backend 'tflite'; use one of torch, onnxruntime, tensorrt."
+    assert capsys.readouterr().err.strip() == "Error: Unknown backend 'tflite'; use one of torch, inductor, onnxruntime, tensorrt."
 
 
 @pytest.mark.gpu

@@ -4,6 +4,7 @@ src/deploy/qdq_rewrites.py) and torch.ao (FX, x86)."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import onnx
 import pytest
 import torch
 
+from src.deploy.backends import LatencyTarget, _frozen_compile
 from src.deploy.latency import deterministic_algorithms_off, ort_run, ort_session
 from src.deploy.onnx_export import export_onnx
 from src.deploy.qdq_rewrites import (
@@ -18,7 +20,11 @@ from src.deploy.qdq_rewrites import (
     global_average_pools,
     integer_hard_sigmoids,
 )
-from src.deploy.quantize import quantize_onnx_static, quantize_torch_fx
+from src.deploy.quantize import (
+    quantize_onnx_static,
+    quantize_torch_fx,
+    quantize_torchao_pt2e,
+)
 from src.models.resnet_cifar import resnet_cifar
 from src.models.timm_net import create_timm_net
 from src.utils.errors import AutoclsError
@@ -261,12 +267,30 @@ def test_torch_fx_int8_is_quantised_and_close(net_and_images):
     assert _relative_error(got, expected) < 0.1
 
 
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs torchao")
+@pytest.mark.skipif(LatencyTarget(backend="inductor").unavailable_reason() is not None, reason="needs a C++ compiler")
+def test_torchao_pt2e_int8_compiles_to_integer_kernels_and_stays_close(net_and_images):
+    net, calibration, held_out = net_and_images
+    quantized = quantize_torchao_pt2e(net, calibration)
+    ops = {str(node.target) for node in quantized.graph.nodes if node.op == "call_function"}
+    assert any("quantize_per_tensor" in op for op in ops) and any("dequantize_per_channel" in op for op in ops)
+    compiled = _frozen_compile(quantized)
+    with torch.inference_mode(), deterministic_algorithms_off():
+        # two batch sizes: the graph's batch dimension stayed dynamic through export and calibration
+        got = np.concatenate([compiled(held_out[:1]).numpy(), compiled(held_out[1:]).numpy()])
+        expected = net(held_out).numpy()
+    assert got.shape == expected.shape == (32, 10)
+    assert _relative_error(got, expected) < 0.1
+
+
 def test_quantisation_bad_inputs_are_one_sentence(net_and_images, tmp_path):
     net, calibration, _ = net_and_images
     with pytest.raises(AutoclsError, match="does not exist; export the fp32 model first"):
         quantize_onnx_static(tmp_path / "missing.onnx", tmp_path / "out.onnx", calibration)
     with pytest.raises(AutoclsError, match="Calibration needs a non-empty batch of images"):
         quantize_torch_fx(net, torch.empty(0, 3, 16, 16))
+    with pytest.raises(AutoclsError, match="Calibration needs a non-empty batch of images"):
+        quantize_torchao_pt2e(net, torch.empty(0, 3, 16, 16))
 
 
 def _script(name: str):

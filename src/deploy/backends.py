@@ -1,10 +1,10 @@
 """Where a network can run, and one object that builds each runnable form of a network once.
 
-A `LatencyTarget` names a backend (torch eager, onnxruntime, TensorRT through onnxruntime), a
+A `LatencyTarget` names a backend (torch eager, torch.compile's inductor, onnxruntime, TensorRT through onnxruntime), a
 precision (fp32, fp16, int8), a device, a thread count and a batch size. `DeployVariants` holds
 one trained network and builds, on first use and then cached, what each target runs: the fp32 ONNX
 file, its INT8 copy (calibrated on the images it was given), a half-precision ONNX file for GPUs,
-the torch.ao INT8 module. The latency callback, `scripts/export.py` and the benchmark scripts all
+the torch.ao INT8 module, torch.compile'd modules (torchao's PT2E INT8 for `inductor-int8`). The latency callback, `scripts/export.py` and the benchmark scripts all
 measure through `DeployVariants.measure`, so their figures mean the same thing.
 
 Supported combinations:
@@ -12,6 +12,7 @@ Supported combinations:
 | backend     | fp32       | fp16 | int8                   |
 |-------------|------------|------|------------------------|
 | torch       | cpu, cuda  | cuda | cpu (torch.ao FX, x86) |
+| inductor    | cpu, cuda  | cuda | cpu (torchao PT2E, x86)|
 | onnxruntime | cpu, cuda  | cuda | cpu (static QDQ)       |
 | tensorrt    | cuda       | cuda | -                      |
 """
@@ -19,7 +20,10 @@ Supported combinations:
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
+import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,13 +37,16 @@ from src.utils.errors import AutoclsError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "inductor", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
 DEVICES = ("cpu", "cuda")
 _SUPPORTED = {
     ("torch", "fp32"): ("cpu", "cuda"),
     ("torch", "fp16"): ("cuda",),
     ("torch", "int8"): ("cpu",),
+    ("inductor", "fp32"): ("cpu", "cuda"),
+    ("inductor", "fp16"): ("cuda",),
+    ("inductor", "int8"): ("cpu",),
     ("onnxruntime", "fp32"): ("cpu", "cuda"),
     ("onnxruntime", "fp16"): ("cuda",),
     ("onnxruntime", "int8"): ("cpu",),
@@ -90,6 +97,10 @@ class LatencyTarget:
         """Why this machine cannot run the target (None: it can)."""
         if self.device == "cuda" and not torch.cuda.is_available():
             return "no CUDA device"
+        if self.backend == "inductor" and self.device == "cpu" and not _cpp_compiler():
+            return "no C++ compiler for inductor's CPU kernels (set CXX or install g++)"
+        if self.backend == "inductor" and self.precision == "int8" and importlib.util.find_spec("torchao") is None:
+            return "torchao is not installed (pip install torchao)"
         if self.backend in ("onnxruntime", "tensorrt") and self.device == "cuda":
             import onnxruntime as ort
 
@@ -100,6 +111,32 @@ class LatencyTarget:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _cpp_compiler() -> str | None:
+    return next(filter(None, (shutil.which(name) for name in (os.environ.get("CXX", ""), "g++", "clang++") if name)), None)
+
+
+def _frozen_compile(module: nn.Module):
+    """`torch.compile(module)` as a function whose first call compiles with inductor's `freezing` (weights
+    become constants, so INT8 weights are pre-packed once). The flag is patched around that call only:
+    passed as `torch.compile(options=...)` it breaks torchao's INT8 convolutions (the pre-packing then
+    runs on fake tensors). A function, not a module: measure_latency calls .eval() on modules, which
+    torchao's exported graphs refuse."""
+    from torch._inductor import config as inductor_config
+
+    compiled = torch.compile(module)
+    compiled_once = []
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        if compiled_once:
+            return compiled(images)
+        with inductor_config.patch(freezing=True):
+            out = compiled(images)
+        compiled_once.append(True)
+        return out
+
+    return run
 
 
 def parse_target(label: str, *, threads: int | None = 1, batch_size: int = 1) -> LatencyTarget:
@@ -153,6 +190,7 @@ class DeployVariants:
         self.max_abs_diff: float | None = None
         self._onnx: dict[str, Path] = {}
         self._torch: dict[str, nn.Module] = {}
+        self._compiled: dict[tuple, object] = {}
 
     # --- building -------------------------------------------------------------------------------
     def onnx(self, precision: str = "fp32") -> Path:
@@ -188,6 +226,25 @@ class DeployVariants:
             return self._torch["int8"]
         return self.net  # fp16: measure_latency casts a CUDA copy
 
+    def compiled_model(self, target: LatencyTarget):
+        """`torch.compile` (inductor, weights frozen as constants) of the target's form of the network,
+        as a plain callable. One per target: inductor specialises its kernels to the input shape and
+        fixes their OpenMP thread count when it generates them, on the first call, so `measure` makes
+        that call inside the target's thread setting (its warm-up)."""
+        key = (target.precision, target.device, target.threads, target.batch_size)
+        if key not in self._compiled:
+            if target.precision == "int8":
+                if "pt2e_int8" not in self._torch:
+                    from src.deploy.quantize import quantize_torchao_pt2e
+
+                    self._torch["pt2e_int8"] = quantize_torchao_pt2e(self.net, self._calibration())
+                module = self._torch["pt2e_int8"]
+            else:
+                dtype = torch.float16 if target.precision == "fp16" else torch.float32
+                module = copy.deepcopy(self.net).to(device=target.device, dtype=dtype).eval()
+            self._compiled[key] = _frozen_compile(module)
+        return self._compiled[key]
+
     def _calibration(self) -> torch.Tensor:
         if self.calibration is None:
             raise AutoclsError("INT8 needs calibration images and none were given; pass the training data (or drop int8).")
@@ -202,9 +259,13 @@ class DeployVariants:
             raise AutoclsError(f"Cannot measure {target.name} here ({reason}); measure a cpu target instead.")
         example = example_input(self.input_shape, target.batch_size)
         threads = target.threads if target.device == "cpu" else None
+        dtype = torch.float16 if target.precision == "fp16" else None
         if target.backend == "torch":
-            dtype = torch.float16 if target.precision == "fp16" else None
             return measure_latency(self.torch_model(target.precision), example, threads=threads, warmup=warmup,
+                                   repeats=repeats, device=target.device, dtype=dtype, backend=target.label)
+        if target.backend == "inductor":
+            # at least one warm-up call: it compiles, and must do so under the target's thread count
+            return measure_latency(self.compiled_model(target), example, threads=threads, warmup=max(1, warmup),
                                    repeats=repeats, device=target.device, dtype=dtype, backend=target.label)
         provider = "tensorrt" if target.backend == "tensorrt" else target.device
         # TensorRT builds its fp16 engine from the fp32 graph; onnxruntime-CUDA fp16 runs the half graph

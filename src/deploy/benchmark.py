@@ -10,11 +10,13 @@ import torch
 
 from src.deploy.backends import DeployVariants, LatencyTarget, parse_target
 from src.deploy.latency import LatencyResult
+from src.utils.errors import AutoclsError
 
 log = logging.getLogger(__name__)
 
 CPU_BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")
-CUDA_BACKENDS = ("torch@cuda", "torch-fp16@cuda", "onnxruntime@cuda", "tensorrt@cuda", "tensorrt-fp16@cuda")
+CUDA_BACKENDS = ("torch@cuda", "torch-fp16@cuda", "inductor@cuda", "inductor-fp16@cuda", "onnxruntime@cuda", "tensorrt@cuda",
+                 "tensorrt-fp16@cuda")
 
 
 def default_backends() -> list[str]:
@@ -38,16 +40,23 @@ def benchmark_targets(labels: Sequence[str], threads: Sequence[int], batch_sizes
 def run_benchmark(
     variants: DeployVariants, targets: Sequence[LatencyTarget], *, warmup: int = 10, repeats: int = 50
 ) -> tuple[list[tuple[str, LatencyResult]], list[str]]:
-    """Measured (label, result) rows, and one note per target this machine cannot run."""
+    """Measured (label, result) rows, and one note per target this machine cannot run or this network
+    cannot be built for (e.g. an INT8 engine that cannot trace it): one table still compares the rest."""
     rows, notes = [], []
     for target in targets:
         reason = target.unavailable_reason()
-        if reason:
+        result = None
+        if not reason:
+            try:
+                result = variants.measure(target, warmup=warmup, repeats=repeats)
+            except AutoclsError as err:
+                reason = str(err)
+        if result is None:
             note = f"{target.label} on {target.device}: skipped ({reason})"
             if note not in notes:
                 notes.append(note)
+                log.warning(note)
             continue
-        result = variants.measure(target, warmup=warmup, repeats=repeats)
         log.info(f"{target.name}: median {result.median_ms:.3f} ms, p90 {result.p90_ms:.3f} ms")
         rows.append((target.label, result))
     return rows, notes

@@ -9,10 +9,13 @@
   Two exact rewrites (`src.deploy.qdq_rewrites`) keep global average pools and HardSigmoid (SE gates,
   hard-swish) in integer arithmetic, so a MobileNetV3 runs without float islands.
 * `quantize_torch_fx`: PyTorch's own INT8 path available in torch 2.14 without extra packages,
-  FX graph-mode quantisation with the `x86` backend (fbgemm/oneDNN kernels). The PT2E flow has moved
-  to the separate torchao package, which this project does not depend on.
+  FX graph-mode quantisation with the `x86` backend (fbgemm/oneDNN kernels), run op by op in eager.
+* `quantize_torchao_pt2e`: the flow PyTorch now recommends for x86 (PT2 export quantisation, moved
+  to the torchao package): a `torch.export` graph with quantise/dequantise nodes placed by torchao's
+  `X86InductorQuantizer`, which `torch.compile` (inductor, weights frozen) lowers to fused oneDNN INT8
+  kernels. Uncompiled it runs as a slow float reference.
 
-docs/deployment.md says which is faster on x86 CPUs and why, and which onnxruntime quantiser options
+docs/deployment.md says which of the three is fastest on x86 CPUs and why, and which onnxruntime quantiser options
 were measured for this recipe (scripts/int8_recipes.py); the deployment path (`scripts/export.py
 int8=true`, the latency tables) uses onnxruntime.
 """
@@ -147,3 +150,39 @@ def quantize_torch_fx(net: nn.Module, calibration: torch.Tensor, *, batch_size: 
             for batch in _batches(calibration.cpu(), batch_size):
                 prepared(batch)
         return convert_fx(prepared).eval()
+
+
+def quantize_torchao_pt2e(net: nn.Module, calibration: torch.Tensor, *, batch_size: int = 32) -> nn.Module:
+    """An INT8 copy of `net` by torchao's PT2E flow with `X86InductorQuantizer` (int8 per-channel
+    weights, uint8 per-tensor activations, as the onnxruntime recipe), calibrated on `calibration`.
+
+    The result is an exported graph module with a dynamic batch dimension. Compile it with
+    `torch.compile(model, options={"freezing": True})` to run INT8 kernels (`DeployVariants` does, for the
+    `inductor-int8` target); torchao forbids `.train()`/`.eval()` on it, so call it, do not re-mode it."""
+    try:
+        from torchao.quantization.pt2e import move_exported_model_to_eval
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+    except ImportError as err:
+        raise AutoclsError(
+            f"The torchao INT8 path needs the torchao package ({err}); pip install torchao, or use onnxruntime-int8."
+        ) from err
+    _check_calibration(calibration)
+    model = copy.deepcopy(net).cpu().eval()
+    # trace at batch 2 with a named batch dimension: torch.export specialises a dimension of size 1
+    example = calibration[[0, -1]].cpu()
+    try:
+        exported = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    except Exception as err:
+        raise AutoclsError(
+            f"torch.export cannot capture {type(net).__name__} for quantisation ({type(err).__name__}); "
+            "use the onnxruntime INT8 path instead."
+        ) from err
+    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for batch in _batches(calibration.cpu(), batch_size):
+            prepared(batch)
+    converted = convert_pt2e(prepared)
+    move_exported_model_to_eval(converted)
+    return converted
