@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--calibration-images", type=int, default=256)
+    parser.add_argument("--calibration", default="auto",
+                        help="INT8 activation ranges: auto (default), minmax, percentile-99.99, percentile-99.9, ...")
     parser.add_argument("--skip-models", action="store_true", help="only the checkpoint's rows")
     parser.add_argument("--ort-config", nargs="*", default=[], metavar="KEY=VALUE",
                         help="onnxruntime session config entries for every onnxruntime session, e.g. "
@@ -82,7 +84,7 @@ def make_table(args: argparse.Namespace) -> str:
     rows = []
     accuracies = {}
     for ckpt in args.ckpt:
-        accuracy = int8_accuracy(ckpt, calibration_images=args.calibration_images)
+        accuracy = int8_accuracy(ckpt, calibration_images=args.calibration_images, calibration_method=args.calibration)
         accuracies[ckpt] = accuracy
         rows += latency_rows(f"trained {checkpoint_name(ckpt)} (see below)", accuracy["net"], accuracy["input_shape"],
                              accuracy["calibration"], args.threads, warmup=args.warmup, repeats=args.repeats,
@@ -120,10 +122,10 @@ def markdown_rows(accuracy: dict) -> str:
 
     return markdown_table(
         ["split", "images", "eager top-1", "onnxruntime fp32 top-1", "onnxruntime INT8 top-1", "INT8 drop (points)",
-         "calibration images"],
+         "calibration images", "ranges"],
         [[accuracy["split"], accuracy["images"], f"{100 * accuracy['eager_top1']:.2f}%",
           f"{100 * accuracy['fp32_top1']:.2f}%", f"{100 * accuracy['int8_top1']:.2f}%",
-          f"{accuracy['int8_drop_points']:.2f}", accuracy["calibration_images"]]],
+          f"{accuracy['int8_drop_points']:.2f}", accuracy["calibration_images"], accuracy["calibration_method"]]],
     )
 
 

@@ -12,19 +12,22 @@ the median of all its calls. Load from other processes then falls on all graphs 
 milliseconds do not. Run it on a quiet machine for figures to quote; pin one core for 1 thread
 (`taskset -c 1 python scripts/int8_recipes.py --threads 1`).
 
-Recipes (all calibrated the same way: min-max over the same images; `default` is what
-`src.deploy.quantize.quantize_onnx_static` does):
+Recipes (all calibrated on the same images; `default` is what `src.deploy.quantize.quantize_onnx_static`
+does; the quantiser-option recipes use min-max ranges, so they compare with `minmax`):
 
 * default: quant_pre_process, the integer rewrites (src/deploy/qdq_rewrites.py), QDQ, uint8
-  activations, int8 per-channel weights (U8S8)
-* no-rewrites: the same without the rewrites (onnxruntime's quantiser alone; the recipe before)
+  activations, int8 per-channel weights (U8S8), activation ranges by `auto` calibration (min-max,
+  99.99th or 99.9th percentile: whichever INT8 graph agrees best with fp32 on the calibration images)
+* minmax: the default with min-max ranges (the default before `auto`)
+* no-rewrites: the same as minmax without the rewrites (onnxruntime's quantiser alone; the recipe before)
 * per-tensor: one weight scale per tensor instead of per output channel
 * qoperator: QOperator format (QLinearConv... written directly) instead of QDQ
 * reduce-range: 7-bit weights (for CPUs without VNNI)
 * s8s8: int8 activations (S8S8)
 * symmetric-act: symmetric activation ranges (zero point 128)
 * depthwise-fp32: depthwise convolutions (and what is not Conv/Gemm) left in fp32
-* percentile, entropy: activation ranges from the 99.999th percentile / by KL divergence instead of min-max
+* percentile, percentile-99.99, percentile-99.9, entropy: activation ranges from the 99.999th (99.99th, 99.9th)
+  percentile of absolute values / by KL divergence instead of min-max
 * default@extended: the default graph in a session with ORT_ENABLE_EXTENDED instead of ORT_ENABLE_ALL
   (no NCHWc/NHWC layout transformation)
 
@@ -55,8 +58,8 @@ MODELS = {
     "mnv3min_224": ("MobileNetV3-Large minimal (timm tf_mobilenetv3_large_minimal_100) 224px", "timm",
                     ["model_name=tf_mobilenetv3_large_minimal_100"], 224),
 }
-INT8_RECIPES = ["default", "no-rewrites", "per-tensor", "qoperator", "reduce-range", "s8s8", "symmetric-act",
-                "depthwise-fp32", "percentile", "entropy", "default@extended"]
+INT8_RECIPES = ["default", "minmax", "no-rewrites", "per-tensor", "qoperator", "reduce-range", "s8s8", "symmetric-act",
+                "depthwise-fp32", "percentile", "percentile-99.99", "percentile-99.9", "entropy", "default@extended"]
 FP32_ROWS = ["fp32", "fp32-fixed-batch", "fp32@extended"]
 
 
@@ -68,7 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--calls", type=int, default=10, help="calls per session per round")
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--calibration-images", type=int, default=64)
+    parser.add_argument("--calibration-images", type=int, default=None,
+                        help="training images for a --ckpt (default 256, as deploy_table.py); random images for the "
+                             "random-weight latency models (default 64)")
     parser.add_argument("--ckpt", default=None, help="also: each recipe's top-1 for this train.py checkpoint")
     parser.add_argument("--accuracy-only", action="store_true", help="with --ckpt: only the top-1 table")
     parser.add_argument("--profile", nargs="*", default=None, metavar="GRAPH",
@@ -97,20 +102,25 @@ def _depthwise_conv_names(fp32_path: Path, workdir: Path) -> list[str]:
 
 def recipe_arguments(recipe: str, fp32_path: Path, workdir: Path) -> dict:
     """Keyword arguments of `quantize_onnx_static` for `recipe`."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import QuantFormat, QuantType
 
+    minmax = {"calibration_method": "minmax"}
     return {
         "default": {},
-        "no-rewrites": {"integer_rewrites": False},
-        "per-tensor": {"per_channel": False},
-        "qoperator": {"quantizer_options": {"quant_format": QuantFormat.QOperator}},
-        "reduce-range": {"quantizer_options": {"reduce_range": True}},
-        "s8s8": {"quantizer_options": {"activation_type": QuantType.QInt8}},
-        "symmetric-act": {"quantizer_options": {"extra_options": {"ActivationSymmetric": True}}},
+        "minmax": minmax,
+        "no-rewrites": {"integer_rewrites": False, **minmax},
+        "per-tensor": {"per_channel": False, **minmax},
+        "qoperator": {"quantizer_options": {"quant_format": QuantFormat.QOperator}, **minmax},
+        "reduce-range": {"quantizer_options": {"reduce_range": True}, **minmax},
+        "s8s8": {"quantizer_options": {"activation_type": QuantType.QInt8}, **minmax},
+        "symmetric-act": {"quantizer_options": {"extra_options": {"ActivationSymmetric": True}}, **minmax},
         "depthwise-fp32": {"quantizer_options": {
-            "nodes_to_exclude": _depthwise_conv_names(fp32_path, workdir), "op_types_to_quantize": ["Conv", "Gemm"]}},
-        "percentile": {"quantizer_options": {"calibrate_method": CalibrationMethod.Percentile}},
-        "entropy": {"quantizer_options": {"calibrate_method": CalibrationMethod.Entropy}},
+            "nodes_to_exclude": _depthwise_conv_names(fp32_path, workdir), "op_types_to_quantize": ["Conv", "Gemm"]},
+            **minmax},
+        "percentile": {"calibration_method": "percentile-99.999"},
+        "percentile-99.99": {"calibration_method": "percentile-99.99"},
+        "percentile-99.9": {"calibration_method": "percentile-99.9"},
+        "entropy": {"calibration_method": "entropy"},
     }[recipe]
 
 
@@ -224,7 +234,7 @@ def make_report(args: argparse.Namespace) -> str:
         models = []
     for name, net, size in models:
         calibration = (accuracy["calibration"] if accuracy is not None and net is accuracy["net"]
-                       else torch.randn(args.calibration_images, 3, size, size))
+                       else torch.randn(args.calibration_images or 64, 3, size, size))
         image = np.ascontiguousarray(example_input((3, size, size), 1).numpy())
         with tempfile.TemporaryDirectory() as workdir:
             graphs = build_graphs(net, (3, size, size), calibration, args.recipes, Path(workdir))
@@ -267,7 +277,7 @@ def checkpoint_accuracy(args: argparse.Namespace) -> tuple[dict, tuple]:
 
     trained = load_trained_net(args.ckpt)
     datamodule = datamodule_for(trained.config["data"])
-    calibration = calibration_images(datamodule, 256)
+    calibration = calibration_images(datamodule, args.calibration_images or 256)
     images, labels = split_images(datamodule, "test")
     top1 = {}
     with tempfile.TemporaryDirectory() as workdir:

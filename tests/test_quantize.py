@@ -1,5 +1,5 @@
 """INT8 post-training static quantisation: onnxruntime (QDQ, with the integer rewrites of
-src/deploy/qdq_rewrites.py) and torch.ao (FX, x86)."""
+src/deploy/qdq_rewrites.py, and the choice of activation ranges), torch.ao (FX, x86) and torchao (PT2E)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import onnx
 import pytest
 import torch
 
+from src.deploy import quantize
 from src.deploy.backends import LatencyTarget, _frozen_compile
 from src.deploy.latency import deterministic_algorithms_off, ort_run, ort_session
 from src.deploy.onnx_export import export_onnx
@@ -21,11 +22,13 @@ from src.deploy.qdq_rewrites import (
     integer_hard_sigmoids,
 )
 from src.deploy.quantize import (
+    int8_metadata,
     quantize_onnx_static,
     quantize_torch_fx,
     quantize_torchao_pt2e,
 )
 from src.models.resnet_cifar import resnet_cifar
+from src.models.small_cnn import SmallCNN
 from src.models.timm_net import create_timm_net
 from src.utils.errors import AutoclsError
 
@@ -57,6 +60,67 @@ def test_onnxruntime_static_int8_is_quantised_and_close(net_and_images, tmp_path
     got, expected = ort_run(ort_session(int8), held_out), ort_run(ort_session(fp32), held_out)
     assert _relative_error(got, expected) < 0.1
     assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.8
+
+
+def _quadrant_images(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise images whose class (0-3) is the quadrant that is brighter: learnable in a few steps."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 4, (count,), generator=generator)
+    images = 0.5 * torch.randn(count, 3, 16, 16, generator=generator)
+    for image, label in zip(images, labels.tolist(), strict=True):
+        row, col = divmod(label, 2)
+        image[:, 8 * row : 8 * row + 8, 8 * col : 8 * col + 8] += 1.0
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def trained_quadrant_net():
+    """A SmallCNN trained to 100% on `_quadrant_images`: its logits have a trained network's margins, so
+    top-1 agreement between fp32 and INT8 measures the quantisation error and not the noise of ties."""
+    torch.manual_seed(0)
+    net = SmallCNN(num_classes=4, in_chans=3, width=8, dropout=0.0)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    images, labels = _quadrant_images(512, seed=0)
+    for _ in range(60):
+        batch = torch.randint(0, len(images), (64,))
+        loss = torch.nn.functional.cross_entropy(net(images[batch]), labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    held_out, held_out_labels = _quadrant_images(256, seed=2)
+    with torch.no_grad():
+        assert (net.eval()(held_out).argmax(1) == held_out_labels).float().mean() > 0.95
+    return net, _quadrant_images(64, seed=1)[0], held_out
+
+
+def test_auto_calibration_clips_an_outlier_that_min_max_ranges_stretch_over(trained_quadrant_net, tmp_path):
+    net, calibration, held_out = trained_quadrant_net
+    spiked = calibration.clone()
+    spiked[0, :, 5:7, 5:7] = 300.0  # four hot pixels in one image: 0.1% of the values, all of min-max's range
+    fp32 = export_onnx(net, (3, 16, 16), tmp_path / "m.onnx")
+    expected = ort_run(ort_session(fp32), held_out)
+    errors, agreements = {}, {}
+    for method in ("minmax", "auto"):
+        got = ort_run(ort_session(quantize_onnx_static(fp32, tmp_path / f"{method}.onnx", spiked,
+                                                       calibration_method=method)), held_out)
+        errors[method] = _relative_error(got, expected)
+        agreements[method] = (got.argmax(1) == expected.argmax(1)).mean()
+    recorded = int8_metadata(tmp_path / "auto.onnx")  # the choice of auto, kept in the file
+    assert recorded["int8_calibration"].startswith("percentile-") and float(recorded["int8_top1_agreement"]) > 0.95
+    assert agreements["minmax"] < 0.9 and agreements["auto"] > 0.95
+    assert errors["auto"] < 0.5 * errors["minmax"]
+
+
+def test_auto_calibration_keeps_the_graph_that_agrees_best_with_fp32(net_and_images, tmp_path, monkeypatch):
+    net, calibration, _ = net_and_images
+    fp32 = export_onnx(net, (3, 16, 16), tmp_path / "m.onnx")
+    scores = {"minmax": (0.90, 0.05), "percentile-99.99": (0.95, 0.20), "percentile-99.9": (0.95, 0.10)}
+    monkeypatch.setattr(quantize, "_fidelity", lambda reference, candidate, images: scores[Path(candidate).stem])
+    chosen = int8_metadata(quantize_onnx_static(fp32, tmp_path / "auto.onnx", calibration))
+    assert chosen == {"int8_calibration": "percentile-99.9", "int8_top1_agreement": "0.950000",
+                      "int8_logit_error": "0.100000"}  # most agreement; on a tie, the smaller logit error
+    with pytest.raises(AutoclsError, match="Unknown calibration method 'kl'; use auto or one of minmax"):
+        quantize_onnx_static(fp32, tmp_path / "x.onnx", calibration, calibration_method="kl")
 
 
 def _fit_batchnorm(net: torch.nn.Module, images: torch.Tensor) -> torch.nn.Module:

@@ -166,6 +166,8 @@ class DeployVariants:
         workdir: Where ONNX files go (`<stem>.onnx`, `<stem>.int8.onnx`, `<stem>.fp16.onnx`).
         stem: The file name stem of the exported files.
         calibration: Normalised training images for INT8 calibration (needed only for int8 targets).
+        int8_calibration: How onnxruntime INT8 takes activation ranges from them (`quantize_onnx_static`'s
+            `calibration_method`: auto, minmax, percentile-99.9, ...).
         verify_atol: Every fp32 ONNX export is checked against PyTorch at this max abs difference.
     """
 
@@ -176,6 +178,7 @@ class DeployVariants:
         workdir: str | Path,
         *,
         calibration: torch.Tensor | None = None,
+        int8_calibration: str = "auto",
         verify_atol: float = 1e-4,
         dynamo: bool = True,
         opset: int | None = None,
@@ -185,7 +188,7 @@ class DeployVariants:
         self.stem = stem
         self.input_shape = tuple(int(v) for v in input_shape)
         self.workdir = Path(workdir)
-        self.calibration = calibration
+        self.calibration, self.int8_calibration = calibration, int8_calibration
         self.verify_atol, self.dynamo, self.opset = verify_atol, dynamo, opset
         self.max_abs_diff: float | None = None
         self._onnx: dict[str, Path] = {}
@@ -206,7 +209,8 @@ class DeployVariants:
         if precision == "int8":
             from src.deploy.quantize import quantize_onnx_static
 
-            return quantize_onnx_static(self.onnx("fp32"), self.workdir / f"{self.stem}.int8.onnx", self._calibration())
+            return quantize_onnx_static(self.onnx("fp32"), self.workdir / f"{self.stem}.int8.onnx", self._calibration(),
+                                        calibration_method=self.int8_calibration)
         if precision == "fp16":
             if not torch.cuda.is_available():
                 raise AutoclsError("An fp16 export is for GPUs and needs CUDA here; export fp32 (or int8 for CPUs) instead.")

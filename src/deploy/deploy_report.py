@@ -79,12 +79,15 @@ def training_summary(ckpt_path: str | Path) -> dict:
     return summary
 
 
-def int8_accuracy(ckpt_path: str | Path, *, calibration_images: int = 256, split: str = "test") -> dict:
+def int8_accuracy(ckpt_path: str | Path, *, calibration_images: int = 256, split: str = "test",
+                  calibration_method: str = "auto") -> dict:
     """Top-1 of the checkpoint's network on `split` in onnxruntime fp32 and INT8 (calibrated on
-    `calibration_images` training images), the drop in points, and the data sizes."""
+    `calibration_images` training images with `calibration_method`), the drop in points, the range rule
+    used, and the data sizes."""
     from src.deploy.images import calibration_images as draw_calibration
     from src.deploy.images import datamodule_for, split_images, top1_accuracy
     from src.deploy.latency import ort_run, ort_session
+    from src.deploy.quantize import int8_metadata
     from src.deploy.trained_net import load_trained_net
 
     trained = load_trained_net(ckpt_path)
@@ -92,8 +95,10 @@ def int8_accuracy(ckpt_path: str | Path, *, calibration_images: int = 256, split
     calibration = draw_calibration(datamodule, calibration_images)
     images, labels = split_images(datamodule, split)
     with tempfile.TemporaryDirectory() as workdir:
-        variants = DeployVariants(trained.net, trained.input_shape, workdir, calibration=calibration)
+        variants = DeployVariants(trained.net, trained.input_shape, workdir, calibration=calibration,
+                                  int8_calibration=calibration_method)
         fp32_session, int8_session = ort_session(variants.onnx("fp32")), ort_session(variants.onnx("int8"))
+        method = int8_metadata(variants.onnx("int8"))["int8_calibration"]
         eager = top1_accuracy(trained.net, images, labels)
         fp32 = top1_accuracy(lambda x: ort_run(fp32_session, x), images, labels)
         int8 = top1_accuracy(lambda x: ort_run(int8_session, x), images, labels)
@@ -102,6 +107,7 @@ def int8_accuracy(ckpt_path: str | Path, *, calibration_images: int = 256, split
         "images": len(labels),
         "train_images": len(datamodule.splits["train"]),
         "calibration_images": len(calibration),
+        "calibration_method": method,
         "eager_top1": eager,
         "fp32_top1": fp32,
         "int8_top1": int8,

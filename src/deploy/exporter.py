@@ -90,7 +90,7 @@ def _crop_pct(trained: TrainedNet) -> float | None:
 
 def _export_onnx(cfg, trained: TrainedNet, out_dir: Path, stem: str, calibration, settings: dict) -> dict:
     variants = DeployVariants(trained.net, trained.input_shape, out_dir, calibration=calibration,
-                              verify_atol=float(cfg.verify_atol), dynamo=bool(cfg.dynamo), opset=cfg.opset, stem=stem)
+                              int8_calibration=str(cfg.int8_calibration), verify_atol=float(cfg.verify_atol), dynamo=bool(cfg.dynamo), opset=cfg.opset, stem=stem)
     base = dict(settings, format="onnx", exporter="dynamo" if cfg.dynamo else "torchscript", opset=cfg.opset)
     files = []
     fp32 = variants.onnx("fp32")
@@ -98,12 +98,14 @@ def _export_onnx(cfg, trained: TrainedNet, out_dir: Path, stem: str, calibration
                                   crop_pct=_crop_pct(trained))]
     result: dict = {"max_abs_diff": variants.max_abs_diff}
     if cfg.int8:
-        from src.deploy.images import top1_agreement_onnx
+        from src.deploy.quantize import int8_metadata
 
         int8 = variants.onnx("int8")
-        agreement = top1_agreement_onnx(fp32, int8, calibration)
+        recorded = int8_metadata(int8)
+        agreement = float(recorded["int8_top1_agreement"])
         quant = {"engine": "onnxruntime static, QDQ", "weights": "int8 per channel", "activations": "uint8 per tensor",
-                 "calibration": f"min-max over {len(calibration)} training images", "top1_agreement_with_fp32": agreement}
+                 "calibration": f"{recorded['int8_calibration']} over {len(calibration)} training images",
+                 "top1_agreement_with_fp32": agreement}
         files += [int8, write_sidecar(int8, trained.data, dict(base, precision="int8", quantization=quant),
                                       crop_pct=_crop_pct(trained))]
         result["int8_top1_agreement"] = agreement
