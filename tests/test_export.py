@@ -145,6 +145,9 @@ def test_export_script_onnx_int8_with_sidecars(digits_ckpt, compose_export, tmp_
     assert [r["backend"] for r in result["latency"]] == ["torch", "onnxruntime", "onnxruntime-int8"]
     sidecar = read_sidecar(out / "model.int8.onnx")
     assert sidecar["export"]["precision"] == "int8" and sidecar["class_names"] == [str(i) for i in range(10)]
+    quantization = sidecar["export"]["quantization"]  # which ranges `auto` kept, and how well they agree
+    assert quantization["calibration"].split(" over ")[0] in ("minmax", "percentile-99.99", "percentile-99.9")
+    assert quantization["top1_agreement_with_fp32"] == result["int8_top1_agreement"]
     # on real test images the INT8 graph is as accurate as the fp32 one, within a few images
     from src.deploy.images import datamodule_for, split_images, top1_accuracy
     from src.deploy.trained_net import load_trained_net
