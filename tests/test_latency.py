@@ -154,6 +154,18 @@ def test_benchmark_skips_a_form_it_cannot_build_and_measures_the_rest(tmp_path):
     assert len(notes) == 1 and notes[0].startswith("torch-int8 on cpu: skipped (torch.fx cannot trace _DataDependentNet")
 
 
+def test_a_network_torch_compile_cannot_build_is_one_sentence(monkeypatch):
+    def failing_compile(module):
+        def run(images):
+            raise RuntimeError("InductorError: UnsupportedOperatorException: onednn.qconv_prepack.default\n<pages of trace>")
+        return run
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    run = backends._frozen_compile(SmallCNN(3, 1, 4))
+    with pytest.raises(AutoclsError, match=r"torch.compile could not build SmallCNN \(InductorError: Unsupported"):
+        run(torch.randn(1, 1, 8, 8))
+
+
 def test_int8_target_without_calibration_images_is_one_sentence(tmp_path):
     variants = DeployVariants(SmallCNN(3, 1, 4), (1, 8, 8), tmp_path)
     with pytest.raises(AutoclsError, match="INT8 needs calibration images"):

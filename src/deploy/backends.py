@@ -131,8 +131,13 @@ def _frozen_compile(module: nn.Module):
     def run(images: torch.Tensor) -> torch.Tensor:
         if compiled_once:
             return compiled(images)
-        with inductor_config.patch(freezing=True):
-            out = compiled(images)
+        try:
+            with inductor_config.patch(freezing=True):
+                out = compiled(images)
+        except Exception as err:  # inductor's errors are pages long; the first line names the op
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise AutoclsError(f"torch.compile could not build {type(module).__name__} ({first_line}); "
+                               "measure the torch or onnxruntime backends instead.") from err
         compiled_once.append(True)
         return out
 
