@@ -67,15 +67,3 @@ def top1_accuracy(
             logits = torch.as_tensor(np.asarray(logits)) if not isinstance(logits, torch.Tensor) else logits
             correct += int((logits.argmax(dim=1).cpu() == labels[start : start + batch_size]).sum())
     return correct / max(1, len(images))
-
-
-def top1_agreement_onnx(reference_path, candidate_path, images: torch.Tensor, batch_size: int = 256) -> float:
-    """Fraction of `images` on which two ONNX models (e.g. fp32 and its INT8 copy) pick the same class."""
-    from src.deploy.latency import ort_run, ort_session
-
-    reference, candidate = ort_session(reference_path), ort_session(candidate_path)
-    same = 0
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        same += int((ort_run(reference, batch).argmax(1) == ort_run(candidate, batch).argmax(1)).sum())
-    return same / max(1, len(images))

@@ -151,17 +151,17 @@ def _quantize_once(fp32_path: Path, out_path: Path, calibration: torch.Tensor, *
         model = onnx.load(str(prepared))
         if integer_rewrites and global_average_pools(model) + clip_hard_sigmoid_inputs(model):
             onnx.save(model, str(prepared))
+        calibration_options, quantizer_options = _calibration_options(method), dict(quantizer_options or {})
         options = {
             "quant_format": QuantFormat.QDQ,
             "per_channel": per_channel,
             "activation_type": QuantType.QUInt8,
             "weight_type": QuantType.QInt8,
-            **_calibration_options(method),
-            **(quantizer_options or {}),
+            **calibration_options,
+            **quantizer_options,
+            # a recipe's extra options (e.g. symmetric activations) add to the calibration's, not replace them
+            "extra_options": {**calibration_options.get("extra_options", {}), **quantizer_options.get("extra_options", {})},
         }
-        # a recipe's extra options (e.g. symmetric activations) add to the calibration's, not replace them
-        options["extra_options"] = {**_calibration_options(method).get("extra_options", {}),
-                                    **(quantizer_options or {}).get("extra_options", {})}
         with contextlib.redirect_stdout(io.StringIO()) as printed:  # histogram calibrators print progress
             quantize_static(str(prepared), str(out_path), Reader(), **options)
         log.debug(printed.getvalue())
