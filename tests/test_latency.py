@@ -161,7 +161,7 @@ def test_a_network_torch_compile_cannot_build_is_one_sentence(monkeypatch):
         return run
 
     monkeypatch.setattr(torch, "compile", failing_compile)
-    run = backends._frozen_compile(SmallCNN(3, 1, 4))
+    run = backends.frozen_compile(SmallCNN(3, 1, 4))
     with pytest.raises(AutoclsError, match=r"torch.compile could not build SmallCNN \(InductorError: Unsupported"):
         run(torch.randn(1, 1, 8, 8))
 

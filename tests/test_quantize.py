@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from src.deploy import quantize
-from src.deploy.backends import LatencyTarget, _frozen_compile
+from src.deploy.backends import LatencyTarget, frozen_compile
 from src.deploy.latency import deterministic_algorithms_off, ort_run, ort_session
 from src.deploy.onnx_export import export_onnx
 from src.deploy.qdq_rewrites import (
@@ -338,7 +338,7 @@ def test_torchao_pt2e_int8_compiles_to_integer_kernels_and_stays_close(net_and_i
     quantized = quantize_torchao_pt2e(net, calibration)
     ops = {str(node.target) for node in quantized.graph.nodes if node.op == "call_function"}
     assert any("quantize_per_tensor" in op for op in ops) and any("dequantize_per_channel" in op for op in ops)
-    compiled = _frozen_compile(quantized)
+    compiled = frozen_compile(quantized)
     with torch.inference_mode(), deterministic_algorithms_off():
         # two batch sizes: the graph's batch dimension stayed dynamic through export and calibration
         got = np.concatenate([compiled(held_out[:1]).numpy(), compiled(held_out[1:]).numpy()])

@@ -117,7 +117,7 @@ def _cpp_compiler() -> str | None:
     return next(filter(None, (shutil.which(name) for name in (os.environ.get("CXX", ""), "g++", "clang++") if name)), None)
 
 
-def _frozen_compile(module: nn.Module):
+def frozen_compile(module: nn.Module):
     """`torch.compile(module)` as a function whose first call compiles with inductor's `freezing` (weights
     become constants, so INT8 weights are pre-packed once). The flag is patched around that call only:
     passed as `torch.compile(options=...)` it breaks torchao's INT8 convolutions (the pre-packing then
@@ -251,7 +251,7 @@ class DeployVariants:
             else:
                 dtype = torch.float16 if target.precision == "fp16" else torch.float32
                 module = copy.deepcopy(self.net).to(device=target.device, dtype=dtype).eval()
-            self._compiled[key] = _frozen_compile(module)
+            self._compiled[key] = frozen_compile(module)
         return self._compiled[key]
 
     def _calibration(self) -> torch.Tensor:

@@ -90,7 +90,8 @@ def _crop_pct(trained: TrainedNet) -> float | None:
 
 def _export_onnx(cfg, trained: TrainedNet, out_dir: Path, stem: str, calibration, settings: dict) -> dict:
     variants = DeployVariants(trained.net, trained.input_shape, out_dir, calibration=calibration,
-                              int8_calibration=str(cfg.int8_calibration), verify_atol=float(cfg.verify_atol), dynamo=bool(cfg.dynamo), opset=cfg.opset, stem=stem)
+                              int8_calibration=str(cfg.int8_calibration), verify_atol=float(cfg.verify_atol),
+                              dynamo=bool(cfg.dynamo), opset=cfg.opset, stem=stem)
     base = dict(settings, format="onnx", exporter="dynamo" if cfg.dynamo else "torchscript", opset=cfg.opset)
     files = []
     fp32 = variants.onnx("fp32")

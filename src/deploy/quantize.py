@@ -105,24 +105,25 @@ def quantize_onnx_static(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     settings = {"per_channel": per_channel, "batch_size": batch_size, "integer_rewrites": integer_rewrites,
                 "quantizer_options": quantizer_options}
+    expected = _logits(fp32_path, calibration)  # the fp32 reference every candidate is compared with
     if calibration_method != "auto":
         _quantize_once(fp32_path, out_path, calibration, method=calibration_method, **settings)
-        _write_metadata(out_path, calibration_method, _fidelity(fp32_path, out_path, calibration))
+        method, (agreement, error) = calibration_method, _fidelity(expected, out_path, calibration)
     else:
-        best = None
+        method, agreement, error = None, -1.0, 0.0
         with tempfile.TemporaryDirectory() as tmp:
-            for method in AUTO_CALIBRATIONS:
-                candidate = Path(tmp) / f"{method}.onnx"
-                _quantize_once(fp32_path, candidate, calibration, method=method, **settings)
-                agreement, error = _fidelity(fp32_path, candidate, calibration)
-                log.info(f"INT8 calibration {method}: top-1 agreement with fp32 {agreement:.4f}, logit error {error:.4f}")
-                if best is None or (agreement, -error) > (best[1][0], -best[1][1]):
-                    best = (method, (agreement, error))
+            for candidate_method in AUTO_CALIBRATIONS:
+                candidate = Path(tmp) / f"{candidate_method}.onnx"
+                _quantize_once(fp32_path, candidate, calibration, method=candidate_method, **settings)
+                candidate_agreement, candidate_error = _fidelity(expected, candidate, calibration)
+                log.info(f"INT8 calibration {candidate_method}: top-1 agreement with fp32 {candidate_agreement:.4f}, "
+                         f"logit error {candidate_error:.4f}")
+                if (candidate_agreement, -candidate_error) > (agreement, -error):
+                    method, agreement, error = candidate_method, candidate_agreement, candidate_error
                     shutil.copyfile(candidate, out_path)
-        _write_metadata(out_path, best[0], best[1])
-    recorded = int8_metadata(out_path)
-    log.info(f"INT8 (onnxruntime, {recorded['int8_calibration']} ranges from {len(calibration)} images, top-1 "
-             f"agreement with fp32 {float(recorded['int8_top1_agreement']):.4f}) -> {out_path}")
+    _write_metadata(out_path, method, (agreement, error))
+    log.info(f"INT8 (onnxruntime, {method} ranges from {len(calibration)} images, top-1 agreement with fp32 "
+             f"{agreement:.4f}) -> {out_path}")
     return out_path
 
 
@@ -181,19 +182,21 @@ def _calibration_options(method: str) -> dict:
     return {"calibrate_method": CalibrationMethod.Percentile, "extra_options": {"CalibPercentile": percentile}}
 
 
-def _fidelity(fp32_path: Path, int8_path: Path, images: torch.Tensor, batch_size: int = 256) -> tuple[float, float]:
-    """(share of `images` on which both graphs pick the same class, mean over images of the relative L2
-    error of the INT8 logits). Per image, so an outlier image with huge logits weighs as much as any other."""
+def _logits(onnx_path: Path, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     from src.deploy.latency import ort_run, ort_session
 
-    reference, candidate = ort_session(fp32_path), ort_session(int8_path)
-    same, error = 0, 0.0
-    for batch in _batches(images, batch_size):
-        expected, got = ort_run(reference, batch), ort_run(candidate, batch)
-        same += int((expected.argmax(1) == got.argmax(1)).sum())
-        norms = np.maximum(np.linalg.norm(expected, axis=1), 1e-12)
-        error += float((np.linalg.norm(got - expected, axis=1) / norms).sum())
-    return same / len(images), error / len(images)
+    session = ort_session(onnx_path)
+    return np.concatenate([ort_run(session, batch) for batch in _batches(images, batch_size)])
+
+
+def _fidelity(expected: np.ndarray, int8_path: Path, images: torch.Tensor) -> tuple[float, float]:
+    """(share of `images` on which the INT8 graph picks the class of the fp32 logits `expected`, mean over
+    images of the relative L2 error of its logits). Per image, so an outlier image with huge logits
+    weighs as much as any other."""
+    got = _logits(int8_path, images)
+    agreement = float((expected.argmax(1) == got.argmax(1)).mean())
+    norms = np.maximum(np.linalg.norm(expected, axis=1), 1e-12)
+    return agreement, float((np.linalg.norm(got - expected, axis=1) / norms).mean())
 
 
 def _write_metadata(path: Path, method: str, fidelity: tuple[float, float]) -> None:
@@ -246,8 +249,9 @@ def quantize_torchao_pt2e(net: nn.Module, calibration: torch.Tensor, *, batch_si
     weights, uint8 per-tensor activations, as the onnxruntime recipe), calibrated on `calibration`.
 
     The result is an exported graph module with a dynamic batch dimension. Compile it with
-    `torch.compile(model, options={"freezing": True})` to run INT8 kernels (`DeployVariants` does, for the
-    `inductor-int8` target); torchao forbids `.train()`/`.eval()` on it, so call it, do not re-mode it."""
+    `src.deploy.backends.frozen_compile` to run INT8 kernels (`DeployVariants` does, for the `inductor-int8`
+    target; `torch.compile(options={"freezing": True})` fails on it); torchao forbids `.train()`/`.eval()`
+    on it, so call it, do not re-mode it."""
     try:
         from torchao.quantization.pt2e import move_exported_model_to_eval
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
